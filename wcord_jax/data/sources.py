@@ -1,0 +1,176 @@
+"""Where examples come from: TFDS, Fashion-MNIST idx files, or a seeded synthetic set.
+
+Small data sets are loaded whole into host memory as uint8 arrays (`ArrayData`) and later put on the accelerator once.
+TensorFlow and TFDS are imported only when a TFDS source is actually read, so the synthetic and idx paths run
+without them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import os
+import struct
+from typing import Optional
+
+import numpy as np
+
+FASHION_MNIST_IDX_DIR = "/usr/share/datasets/fashion-mnist"
+
+# Per-channel mean / std of the training images, as fractions of 255.
+NORMALIZATION = {
+    "cifar100": ((0.5071, 0.4867, 0.4408), (0.2675, 0.2565, 0.2761)),  # RepDistiller's values
+    "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
+    "fashion_mnist": ((0.2860,), (0.3530,)),
+    "imagenet2012": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    "synthetic": (None, None),  # 0.5 / 0.5 for every channel
+}
+
+NUM_CLASSES = {"cifar100": 100, "cifar10": 10, "fashion_mnist": 10, "imagenet2012": 1000}
+
+# Data sets small enough to live on the accelerator for the whole run; the rest stream through tf.data.
+IN_MEMORY = ("cifar100", "cifar10", "fashion_mnist", "synthetic")
+SOURCES = ("cifar100", "cifar10", "imagenet2012", "fashion_mnist", "synthetic")
+
+
+class DataNotFoundError(RuntimeError):
+    """A data set could not be found; the message says how to get it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ArrayData:
+    """One split held in host memory. `images` uint8 [N, H, W, C]; `labels` int32 [N].
+
+    The data-set index of an example is its row number.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def take(self, n: Optional[int]) -> "ArrayData":
+        if n is None or n >= len(self):
+            return self
+        return ArrayData(self.images[:n], self.labels[:n])
+
+
+def normalization(name: str, num_channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (in pixel units, 0..255) to normalise images of data set `name`."""
+    mean, std = NORMALIZATION.get(name, (None, None))
+    if mean is None:
+        mean, std = (0.5,) * num_channels, (0.5,) * num_channels
+    return np.asarray(mean, np.float32) * 255.0, np.asarray(std, np.float32) * 255.0
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Synthetic
+
+
+def synthetic(num_examples: int, image_size: int, num_channels: int, num_classes: int, seed: int) -> ArrayData:
+    """Seeded random images and labels, for tests and benchmarks."""
+    rng = np.random.default_rng(seed)
+    images = rng.integers(0, 256, size=(num_examples, image_size, image_size, num_channels), dtype=np.uint8)
+    labels = rng.integers(0, num_classes, size=(num_examples,), dtype=np.int32)
+    return ArrayData(images, labels)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Fashion-MNIST idx files
+
+_IDX_FILES = {
+    "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+    "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
+}
+
+
+def _open_maybe_gz(directory: str, stem: str):
+    for name in (stem, stem + ".gz"):
+        path = os.path.join(directory, name)
+        if os.path.exists(path):
+            return gzip.open(path, "rb") if name.endswith(".gz") else open(path, "rb")
+    return None
+
+
+def read_idx(stream) -> np.ndarray:
+    """Parses one idx file (the MNIST format: magic, dims, big-endian uint8 payload)."""
+    zero, dtype_code, ndim = struct.unpack(">HBB", stream.read(4))
+    if zero != 0 or dtype_code != 0x08:
+        raise ValueError(f"not a uint8 idx file (magic {zero:#x}, type {dtype_code:#x})")
+    shape = struct.unpack(">" + "I" * ndim, stream.read(4 * ndim))
+    data = np.frombuffer(stream.read(), dtype=np.uint8)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"idx file truncated: expected {int(np.prod(shape))} values, found {data.size}")
+    return data.reshape(shape)
+
+
+def has_idx_files(directory: Optional[str]) -> bool:
+    if not directory or not os.path.isdir(directory):
+        return False
+    return all(
+        any(os.path.exists(os.path.join(directory, s + ext)) for ext in ("", ".gz"))
+        for pair in _IDX_FILES.values()
+        for s in pair
+    )
+
+
+def fashion_mnist_idx(directory: str, split: str) -> ArrayData:
+    """Reads Fashion-MNIST from its four idx files (plain or gzipped); images become [N, 28, 28, 1]."""
+    image_stem, label_stem = _IDX_FILES[split]
+    with _open_maybe_gz(directory, image_stem) as f:
+        images = read_idx(f)
+    with _open_maybe_gz(directory, label_stem) as f:
+        labels = read_idx(f)
+    return ArrayData(images[..., None], labels.astype(np.int32))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# TFDS
+
+
+def tfds_prepared(name: str, data_dir: Optional[str]) -> bool:
+    """True if a prepared TFDS copy of `name` exists (checked on disk, without importing TFDS)."""
+    root = data_dir or os.environ.get("TFDS_DATA_DIR") or os.path.expanduser("~/tensorflow_datasets")
+    base = os.path.join(root, name)
+    if not os.path.isdir(base):
+        return False
+    for version in os.listdir(base):
+        if os.path.exists(os.path.join(base, version, "dataset_info.json")):
+            return True
+    return False
+
+
+def how_to_get(name: str, data_dir: Optional[str]) -> str:
+    where = data_dir or "~/tensorflow_datasets"
+    if name == "imagenet2012":
+        return (f"imagenet2012 was not found under {where}: download ILSVRC2012_img_train.tar and ILSVRC2012_img_val.tar "
+                f"from image-net.org into {where}/downloads/manual/, then run "
+                f"`tfds build imagenet2012 --data_dir {where}` (or pass --config.dataset.data_dir=DIR)")
+    msg = (f"{name} was not found under {where}: on a machine with internet run `tfds build {name} --data_dir {where}` "
+           f"(or pass --config.dataset.download=True and it is fetched on first use)")
+    if name == "fashion_mnist":
+        msg += (f"; offline, install the Debian package dataset-fashion-mnist (idx files in {FASHION_MNIST_IDX_DIR}) "
+                f"or point --config.dataset.data_dir at a folder holding the four idx files")
+    return msg
+
+
+def tfds_arrays(name: str, split: str, data_dir: Optional[str], download: bool, num: Optional[int]) -> ArrayData:
+    """Loads a whole split of a small TFDS data set into memory, in TFDS's deterministic file order."""
+    try:
+        import tensorflow as tf
+        import tensorflow_datasets as tfds
+    except ImportError as e:  # pragma: no cover - exercised only without TF installed
+        raise DataNotFoundError(
+            f"reading {name} needs tensorflow-datasets and tensorflow-cpu (`pip install tensorflow-datasets "
+            f"tensorflow-cpu`): {e}") from e
+    tf.config.set_visible_devices([], "GPU")
+    sub = split if num is None else f"{split}[:{num}]"
+    try:
+        ds = tfds.load(name, split=sub, data_dir=data_dir, download=download, try_gcs=False, batch_size=-1,
+                       shuffle_files=False)
+    except Exception as e:  # TFDS raises AssertionError / DatasetNotFoundError / network errors
+        raise DataNotFoundError(how_to_get(name, data_dir) + f" ({type(e).__name__})") from e
+    arrays = tfds.as_numpy(ds)
+    images = np.asarray(arrays["image"], dtype=np.uint8)
+    labels = np.asarray(arrays["label"], dtype=np.int32)
+    return ArrayData(images, labels)

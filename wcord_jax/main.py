@@ -1,0 +1,98 @@
+"""Command line: `python -m wcord_jax.main --config configs/FILE.py:ARG --workdir DIR [--config.KEY=VALUE ...]`.
+
+Trains what the config describes in DIR; re-running the same command resumes from DIR's latest checkpoint. Mistakes
+in the command (an unknown model, data set or config key) end with one line naming the valid choices and exit code 2.
+"""
+from __future__ import annotations
+
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argument, e.g. configs/teacher.py:resnet8",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard files.")
+
+USAGE_ERROR = 2
+
+
+def _fail(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    sys.exit(USAGE_ERROR)
+
+
+def _config_key_hint(argv: list[str], error: Exception) -> str:
+    """Explains a bad --config.X override by listing the keys that exist at that level."""
+    config_arg = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if config_arg is None and "--config" in argv:
+        i = argv.index("--config")
+        config_arg = argv[i + 1] if i + 1 < len(argv) else None
+    bad = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    if config_arg is None or not bad:
+        return str(error).splitlines()[0]
+    try:
+        config = config_flags.config_flags._LoadConfigModule("config", config_arg.split(":", 1)[0])  # noqa: SLF001
+        arg = config_arg.split(":", 1)[1] if ":" in config_arg else None
+        config = config.get_config(arg) if arg is not None else config.get_config()
+    except Exception:  # the config file itself is broken: report absl's message
+        return str(error).splitlines()[0]
+    for key in bad:
+        node, parts = config, key.split(".")
+        for depth, part in enumerate(parts):
+            if hasattr(node, "keys") and part in node.keys():
+                node = node[part]
+                continue
+            where = ".".join(parts[:depth]) or "config"
+            valid = ", ".join(sorted(node.keys())) if hasattr(node, "keys") else "(none: it is not a group)"
+            return f"unknown config key {key!r}: {where} has {valid}"
+    return str(error).splitlines()[0]
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+    try:
+        return flags.FLAGS(argv)
+    except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+        # ml_collections reports an unknown --config.KEY as an AttributeError from inside absl's parser.
+        _fail(_config_key_hint(argv, e))
+    return []  # unreachable
+
+
+def main(argv: list[str]) -> None:
+    del argv
+    config, workdir = _CONFIG.value, _WORKDIR.value
+    if config is None:
+        _fail("--config is required, e.g. --config configs/teacher.py:resnet8")
+    if not workdir:
+        _fail("--workdir is required: the directory for checkpoints and metrics")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+    from wcord_jax import train  # after flag parsing: importing JAX is slow
+    from wcord_jax.data import DataNotFoundError
+
+    try:
+        task = config.get("task", "teacher")
+    except OSError as e:  # config_flags defers a missing or broken config file until first use
+        _fail(f"cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")
+    runners = {"teacher": train.train_and_evaluate}
+    if task not in runners:
+        _fail(f"unknown task {task!r}; valid: {', '.join(runners)}")
+    try:
+        result = runners[task](config, workdir)
+    except (train.ConfigError, DataNotFoundError) as e:
+        _fail(str(e))
+    except train.Interrupted as e:
+        print(str(e), file=sys.stderr)
+        sys.exit(130)
+    text = " ".join(f"{k}={v:.4f}" for k, v in result.items())
+    print(f"done: {text} (workdir {workdir})")
+
+
+def run() -> None:
+    app.run(main, flags_parser=parse_flags)
+
+
+if __name__ == "__main__":
+    run()

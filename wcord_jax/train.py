@@ -1,0 +1,303 @@
+"""Training a network with cross-entropy (a teacher, or a student alone), data-parallel over the `data` mesh.
+
+The pieces:
+- `train_step`: the whole step on one device's shard (forward, loss, backward, gradient all-reduce, optimizer update,
+  batch-norm statistics), written for `jax.shard_map` over the `data` axis; a feed (`wcord_jax.feeds`) compiles it
+  into one jitted dispatch that also gathers and augments the batch on the device;
+- `run_training`: the epoch loop (resume, train, evaluate, checkpoint, log), shared with distillation runs;
+- `train_and_evaluate`: a network trained alone with cross-entropy.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import signal
+import time
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax import lax
+
+from wcord_jax import checkpoint as ckpt_lib
+from wcord_jax import data as data_lib
+from wcord_jax import feeds
+from wcord_jax import metrics as metrics_lib
+from wcord_jax import models, parallel
+from wcord_jax.feeds import cross_entropy
+
+log = logging.getLogger("wcord_jax")
+AXIS = parallel.AXIS
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+# The stream of the run's key that initialises parameters (feeds.py uses others for data order and augmentation).
+_INIT_STREAM = 0
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 scalar: steps taken so far
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jax.Array  # uint32[2]: the run's key; every random draw is folded from it
+
+
+class ConfigError(ValueError):
+    """The configuration asks for something that does not exist or cannot work; the message names the choices."""
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Optimizer
+
+
+def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
+    """RepDistiller's step schedule: lr * rate^(number of decay epochs already passed), changing at epoch starts."""
+    boundaries = {int(e) * steps_per_epoch: config.lr_decay_rate for e in config.lr_decay_epochs}
+    return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
+
+
+def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation:
+    """PyTorch SGD: weight decay added to the gradient of every parameter, then heavy-ball momentum."""
+    return optax.chain(
+        optax.add_decayed_weights(config.weight_decay),
+        optax.sgd(learning_rate_schedule(config, steps_per_epoch), momentum=config.momentum),
+    )
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# State
+
+
+def create_train_state(key: jax.Array, model, tx, image_shape) -> TrainState:
+    init_key = jax.random.fold_in(key, _INIT_STREAM)
+    variables = jax.jit(functools.partial(model.init, train=False))(init_key, jnp.zeros((1, *image_shape)))
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=key)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The step
+
+
+def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState, dict]:
+    """One SGD step on this device's shard of the global batch (inside shard_map over `data`).
+
+    The model's batch norm averages its statistics over the axis (sync BN), and the gradient is the mean over the axis,
+    so D devices compute what one device computes on the whole global batch.
+    """
+
+    def loss_fn(params):
+        (logits, _), new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
+                                            train=True, mutable=["batch_stats"])
+        loss = cross_entropy(logits, batch["label"]).mean()
+        return loss, (logits, new_vars["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    grads = lax.pmean(grads, AXIS)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    top1 = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
+    metrics = {"loss": lax.pmean(loss, AXIS), "ce": lax.pmean(loss, AXIS), "top1": lax.pmean(top1, AXIS)}
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
+    return new_state, metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Config checks
+
+
+def validate_config(config, num_devices: int) -> None:
+    """Raises ConfigError, naming the valid choices, for anything that cannot run."""
+    if config.model not in models.list_models():
+        raise ConfigError(f"unknown model {config.model!r}; valid: {', '.join(models.list_models())}")
+    if config.dataset.name not in data_lib.SOURCES:
+        raise ConfigError(f"unknown data set {config.dataset.name!r}; valid: {', '.join(data_lib.SOURCES)}")
+    if config.dtype not in DTYPES:
+        raise ConfigError(f"unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
+    for key in ("batch_size", "eval_batch_size"):
+        value = config[key]
+        if value <= 0 or value % num_devices:
+            raise ConfigError(f"{key}={value} must be a positive multiple of the device count ({num_devices})")
+    if config.num_epochs <= 0 or config.steps_per_dispatch <= 0:
+        raise ConfigError("num_epochs and steps_per_dispatch must be positive")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# The loop
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag that the loop checks between dispatches (then it checkpoints and exits)."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested:  # second signal: stop at once
+            raise KeyboardInterrupt
+        self.requested = True
+        log.warning("stop requested: saving a checkpoint after the current dispatch")
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped on request after saving a checkpoint; re-running the same command resumes."""
+
+
+def _write_config(workdir: str, config) -> None:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+        f.write(config.to_json_best_effort(indent=2) + "\n")
+
+
+def _check_resume_matches(workdir: str, config) -> None:
+    path = os.path.join(workdir, "config.json")
+    if not os.path.exists(path):
+        return
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    for key in ("model", "task"):
+        if key in old and old[key] != config.get(key):
+            raise ConfigError(f"{workdir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}: "
+                              f"use another --workdir")
+
+
+def train_and_evaluate(config, workdir: str) -> dict:
+    """Trains `config.model` on `config.dataset` with cross-entropy; returns the final eval metrics.
+
+    Re-running with the same workdir resumes from the latest checkpoint and ends with the same weights as an
+    uninterrupted run.
+    """
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    validate_config(config, mesh.devices.size)
+    dtype = DTYPES[config.dtype]
+    dataset = data_lib.load(config.dataset, config.seed)
+    feed = feeds.make_feed(dataset, mesh, config)
+    if feed.steps_per_epoch == 0:
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the training set ({dataset.num_train})")
+    model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
+    tx = make_optimizer(config, feed.steps_per_epoch)
+    state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, dataset.image_shape)
+    run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx), dtype)
+    evaluate = feed.make_evaluator(lambda v, x: model.apply(v, x, train=False)[0], dtype)
+    return run_training(config, workdir, mesh, feed, state, run_steps,
+                        lambda st: evaluate({"params": st.params, "batch_stats": st.batch_stats}),
+                        learning_rate_schedule(config, feed.steps_per_epoch), describe=f"{config.model} on {dataset.name}")
+
+
+def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, schedule, describe: str) -> dict:
+    """The epoch loop shared by every kind of run: resume, train, evaluate, checkpoint, log.
+
+    `state` is a freshly initialised train state (a pytree with `step` and `rng`); `run_steps(state, *args)` is a
+    compiled dispatch from `feed.make_runner`; `evaluate(state)` returns the eval metrics.
+    """
+    steps_per_epoch = feed.steps_per_epoch
+    total_steps = steps_per_epoch * config.num_epochs
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    _check_resume_matches(workdir, config)
+    state = parallel.replicate(state, mesh)
+    ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
+    best_top1 = -1.0
+    if ckpt.latest_step() is not None:
+        state, meta = ckpt.restore(state)
+        best_top1 = meta.get("best_top1", -1.0)
+        log.info("resumed from step %d (epoch %d) in %s", int(state.step), int(state.step) // steps_per_epoch,
+                 workdir)
+    if is_main:
+        _write_config(workdir, config)
+        log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,
+                 feed.dataset.num_train, feed.dataset.num_test, mesh.devices.size, jax.devices()[0].platform,
+                 steps_per_epoch, config.num_epochs)
+    writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    result = {}
+    try:
+        with _StopRequest() as stop:
+            step = int(state.step)
+            while step < total_steps:
+                epoch = step // steps_per_epoch
+                state, step = _train_epoch(config, feed, state, step, epoch, run_steps, schedule, writer, ckpt,
+                                           stop, best_top1)
+                result = evaluate(state)
+                writer.write(step, {"epoch": epoch + 1, **result})
+                is_best = result["eval/top1"] > best_top1
+                best_top1 = max(best_top1, result["eval/top1"])
+                if is_main:
+                    log.info("epoch %d/%d: eval top1 %.4f top5 %.4f loss %.4f", epoch + 1, config.num_epochs,
+                             result["eval/top1"], result["eval/top5"], result["eval/loss"])
+                ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1), best=is_best)
+            if not result:  # resumed a finished run: report its final evaluation again
+                result = evaluate(state)
+    finally:
+        ckpt.close()
+        writer.close()
+    return result
+
+
+def _meta(config, epoch: int, result: dict, best_top1: float) -> dict:
+    meta = {"model": config.model, "task": config.get("task", "teacher"), "epoch": epoch,
+            "best_top1": float(best_top1)}
+    meta.update({k: float(v) for k, v in result.items()})
+    return meta
+
+
+def _train_epoch(config, feed, state, step, epoch, run_steps, schedule, writer, ckpt, stop, best_top1):
+    """Runs the rest of one epoch from `step`; logs, checkpoints on request, and returns (state, step)."""
+    steps_per_epoch = feed.steps_per_epoch
+    start = step - epoch * steps_per_epoch
+    progress = metrics_lib.Progress(steps_per_epoch, epoch, config.num_epochs, initial=start,
+                                    enabled=jax.process_index() == 0,
+                                    use_bar=None if config.progress_bar else False)
+    window, window_start, window_steps = [], time.perf_counter(), 0
+    try:
+        for n, args in feed.dispatches(state.rng, epoch, start):
+            state, metrics = run_steps(state, *args)
+            window.append(metrics)
+            window_steps += n
+            prev, step = step, step + n
+            pos = step - epoch * steps_per_epoch
+            progress.update(n)
+            every = config.log_every_steps
+            if (every > 0 and step // every != prev // every) or pos == steps_per_epoch:
+                values = _summarise(window)
+                elapsed = time.perf_counter() - window_start
+                values["lr"] = float(schedule(step - 1))
+                values["img_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
+                writer.write(step, {"epoch": epoch + 1, **{f"train/{k}": v for k, v in values.items()}})
+                progress.log_line(pos, {"loss": values["loss"], "top1": values["top1"],
+                                        "img/s": values["img_per_s"]})
+                progress.update(0, {"loss": values["loss"], "img/s": values["img_per_s"]})
+                window, window_start, window_steps = [], time.perf_counter(), 0
+            every_ckpt = config.checkpoint_every_steps
+            if pos < steps_per_epoch and (stop.requested or (every_ckpt and step % every_ckpt == 0)):
+                ckpt.save(step, state, _meta(config, epoch, {}, best_top1))
+            if stop.requested:
+                ckpt.wait()
+                raise Interrupted(f"stopped at step {step}; run the same command again to resume")
+        return state, step
+    finally:
+        progress.close()
+
+
+def _summarise(window: list) -> dict:
+    """Mean of each metric over the steps of a logging window (one host transfer)."""
+    stacked = jax.device_get(window)
+    return {k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in stacked]))) for k in stacked[0]}
