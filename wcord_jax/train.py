@@ -89,24 +89,24 @@ def create_train_state(key: jax.Array, model, tx, image_shape) -> TrainState:
 def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState, dict]:
     """One SGD step on this device's shard of the global batch (inside shard_map over `data`).
 
-    The model's batch norm averages its statistics over the axis (sync BN), and the gradient is the mean over the axis,
-    so D devices compute what one device computes on the whole global batch.
+    The model's batch norm averages its statistics over the axis (sync BN) and the loss is the mean over the whole
+    global batch (`pmean` of the shard means). Under shard_map the gradient of that device-invariant loss with respect
+    to the replicated parameters is already the global gradient (the transpose of the implicit broadcast of the
+    parameters is a `psum`), so D devices compute exactly what one device computes on the whole global batch.
     """
 
     def loss_fn(params):
         (logits, _), new_vars = model.apply({"params": params, "batch_stats": state.batch_stats}, batch["image"],
                                             train=True, mutable=["batch_stats"])
-        loss = cross_entropy(logits, batch["label"]).mean()
+        loss = lax.pmean(cross_entropy(logits, batch["label"]).mean(), AXIS)
         return loss, (logits, new_vars["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    grads = lax.pmean(grads, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    top1 = jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32))
-    metrics = {"loss": lax.pmean(loss, AXIS), "ce": lax.pmean(loss, AXIS), "top1": lax.pmean(top1, AXIS)}
+    top1 = lax.pmean(jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)), AXIS)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state)
-    return new_state, metrics
+    return new_state, {"loss": loss, "ce": loss, "top1": top1}
 
 
 # --------------------------------------------------------------------------------------------------------------------
