@@ -102,20 +102,30 @@ class InMemoryFeed:
             yield end - pos, (self.images, self.labels, idx)
             pos = end
 
-    def make_runner(self, step_fn: Callable, dtype, augment: bool = True):
-        """Compiles per-device `step_fn(state, batch) -> (state, metrics)` into `run(state, images, labels, idx)`."""
+    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0):
+        """Compiles per-device `step_fn(state, batch, *extra) -> (state, metrics)` into one dispatch.
+
+        The result is `run(state, *extra, images, labels, idx)`: `extra` are replicated inputs the step reads but
+        does not update (a frozen teacher's variables, say); the state is donated.
+        """
         mean, std = self._mean, self._std
 
-        def per_device(state, images, labels, idx):
+        def per_device(state, *args):
+            extra, (images, labels, idx) = args[:num_extra], args[num_extra:]
+
             def body(st, step_idx):
                 batch = device_batch(st.rng, st.step, images, labels, step_idx, mean=mean, std=std, dtype=dtype,
                                      augment=augment)
-                return step_fn(st, batch)
+                return step_fn(st, batch, *extra)
 
+            if idx.shape[0] == 1:
+                # No loop for a single step: XLA:CPU runs convolution gradients inside a while loop ~20x slower.
+                state, metrics = body(state, idx[0])
+                return state, jax.tree.map(lambda m: m[None], metrics)
             return lax.scan(body, state, idx)
 
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(), P(), P(None, AXIS)),
-                               out_specs=(P(), P()))
+        in_specs = (P(),) * (1 + num_extra) + (P(), P(), P(None, AXIS))
+        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(P(), P()))
         return jax.jit(mapped, donate_argnums=(0,))
 
     def make_evaluator(self, apply_fn: Callable, dtype) -> Callable[[dict], dict]:
@@ -126,13 +136,13 @@ class InMemoryFeed:
         mean, std = self._mean, self._std
 
         def per_device(variables, images, labels, idx, mask):
-            def body(totals, chunk):
+            def body(_, chunk):
                 i, m = chunk
                 logits = apply_fn(variables, aug.normalize(images[i], mean, std, dtype))
-                return totals + eval_sums(logits, labels[i], m), None
+                return None, eval_sums(logits, labels[i], m)
 
-            totals, _ = lax.scan(body, jnp.zeros(3, jnp.float32), (idx, mask))
-            return lax.psum(totals, AXIS)
+            _, sums = lax.scan(body, None, (idx, mask))
+            return lax.psum(jnp.sum(sums, axis=0), AXIS)
 
         mapped = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
                                        in_specs=(P(), P(), P(), P(None, AXIS), P(None, AXIS)), out_specs=P()))
@@ -176,14 +186,17 @@ class StreamFeed:
                 break
             yield 1, (self._global(batch),)
 
-    def make_runner(self, step_fn: Callable, dtype, augment: bool = True):
+    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0):
+        """As `InMemoryFeed.make_runner`, for `run(state, *extra, batch)` on one host batch."""
         del augment  # done by tf.data
         mean, std = self._mean, self._std
 
-        def per_device(state, batch):
-            return step_fn(state, dict(batch, image=aug.normalize(batch["image"], mean, std, dtype)))
+        def per_device(state, *args):
+            extra, batch = args[:num_extra], args[num_extra]
+            return step_fn(state, dict(batch, image=aug.normalize(batch["image"], mean, std, dtype)), *extra)
 
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=(P(), P()))
+        in_specs = (P(),) * (1 + num_extra) + (P(AXIS),)
+        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(P(), P()))
         return jax.jit(mapped, donate_argnums=(0,))
 
     def make_evaluator(self, apply_fn: Callable, dtype) -> Callable[[dict], dict]:

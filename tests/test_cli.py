@@ -1,0 +1,79 @@
+"""The command line as a user runs it: errors are one line with exit status 2; a killed run resumes."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.dataset.name=synthetic", "--config.dataset.num_train=256", "--config.dataset.num_test=32",
+        "--config.dataset.image_size=16", "--config.batch_size=32", "--config.eval_batch_size=32",
+        "--config.log_every_steps=1", "--config.num_devices=1"]
+
+
+def cli(*args, workdir, timeout=300):
+    cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/teacher.py:resnet8", "--workdir", str(workdir),
+           *args]
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args, expected", [
+    (["--config.model=resnet9"], "unknown model 'resnet9'; valid: "),
+    (["--config.dataset.name=mnist"], "unknown data set 'mnist'; valid: cifar100, cifar10, imagenet2012"),
+    (["--config.num_epochz=2"], "unknown config key 'num_epochz': config has batch_size,"),
+    (["--config.dataset.nam=x"], "unknown config key 'dataset.nam': dataset has data_dir, download,"),
+])
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
+    out = cli(*args, workdir=tmp_path / "w")
+    assert out.returncode == 2, out.stderr
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
+
+
+def test_missing_data_set_says_how_to_get_it(tmp_path):
+    out = cli("--config.dataset.name=cifar100", f"--config.dataset.data_dir={tmp_path}", "--config.dataset.download=False",
+              workdir=tmp_path / "w")
+    assert out.returncode == 2 and "tfds build cifar100" in out.stderr and "Traceback" not in out.stderr
+
+
+def _final_weights(workdir):
+    from wcord_jax import checkpoint
+    import jax
+
+    return jax.tree.leaves(checkpoint.load_variables(str(workdir)))
+
+
+def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
+    straight = tmp_path / "straight"
+    out = cli(*TINY, "--config.num_epochs=3", workdir=straight)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/teacher.py:resnet8", "--workdir", str(killed),
+           *TINY, "--config.num_epochs=3", "--config.checkpoint_every_steps=3"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = killed / "metrics.jsonl"
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:  # kill once it is inside epoch 2
+        if metrics.exists() and any(json.loads(l).get("epoch") == 2 for l in metrics.read_text().splitlines() if l):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    steps_before = [json.loads(l)["step"] for l in metrics.read_text().splitlines() if l]
+    assert max(steps_before) < 24, "the run finished before it could be killed"
+
+    out = cli(*TINY, "--config.num_epochs=3", "--config.checkpoint_every_steps=3", workdir=killed)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "resumed from step" in out.stderr
+    for a, b in zip(_final_weights(straight), _final_weights(killed)):
+        np.testing.assert_array_equal(a, b)
+    evals = [json.loads(l) for l in metrics.read_text().splitlines() if "eval/top1" in l]
+    assert evals[-1]["epoch"] == 3 and evals[-1]["step"] == 24
