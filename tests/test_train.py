@@ -43,7 +43,8 @@ def _setup(config, num_devices):
 
 def test_sgd_matches_pytorch_update_rule():
     """v = mu*v + (g + wd*p); p -= lr*v, with lr stepping down after the decay epochs."""
-    config = tiny_config(learning_rate=0.1, weight_decay=0.01, momentum=0.9, lr_decay_epochs=(1,), lr_decay_rate=0.1)
+    config = tiny_config(learning_rate=0.1, weight_decay=0.01, momentum=0.9, lr_decay_epochs=(1,), lr_decay_rate=0.1,
+                         lr_schedule_epochs=0)
     tx = train.make_optimizer(config, steps_per_epoch=2)
     p = jnp.asarray([1.0, -2.0])
     state = tx.init(p)
@@ -55,6 +56,23 @@ def test_sgd_matches_pytorch_update_rule():
         v = 0.9 * v + (g + 0.01 * p_ref)
         p_ref = p_ref - lr * v
         np.testing.assert_allclose(p, p_ref, rtol=1e-6)
+
+
+def test_learning_rate_schedule_is_repdistillers_and_scales_with_the_run():
+    config = configs.teacher_config("resnet8")
+    sched = train.learning_rate_schedule(config, steps_per_epoch=10)
+    # Epochs count from 1 in RepDistiller: epoch 151 (steps 1500..1509) is the first at lr/10.
+    assert [float(sched(s)) for s in (0, 1499, 1500, 1799, 1800, 2100)] == pytest.approx(
+        [0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005])
+    assert train.decay_epochs(config) == (150, 180, 210)
+    config.num_epochs = 24
+    assert train.decay_epochs(config) == (15, 18, 21)
+    config.lr_schedule_epochs = 0
+    assert train.decay_epochs(config) == (150, 180, 210)
+    config.lr_schedule_epochs, config.num_epochs = 240, 1
+    sched = train.learning_rate_schedule(config, steps_per_epoch=8)  # decays inside the single epoch
+    assert [float(sched(s)) for s in (4, 5, 6, 7)] == pytest.approx([0.05, 0.005, 0.0005, 0.00005])
+    assert configs.teacher_config("ShuffleV2").learning_rate == 0.01
 
 
 def test_train_step_lowers_the_loss_on_a_fixed_batch():

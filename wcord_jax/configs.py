@@ -39,7 +39,11 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.seed = 0
     c.log_every_steps = 100
     c.learning_rate = 0.01 if model in LOW_LR_MODELS else 0.05
+    # The learning rate is multiplied by lr_decay_rate after each of lr_decay_epochs, which are epochs of a
+    # lr_schedule_epochs-long run (RepDistiller: 150, 180, 210 of 240). A run of another length moves them in
+    # proportion (num_epochs=24 decays after epochs 15, 18, 21); lr_schedule_epochs=0 makes them absolute.
     c.lr_decay_epochs = (150, 180, 210)
+    c.lr_schedule_epochs = 240
     c.lr_decay_rate = 0.1
     c.momentum = 0.9
     c.weight_decay = 5e-4
@@ -49,4 +53,52 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.num_devices = 0  # use the first N devices of the data mesh (0: all)
     c.progress_bar = True  # a tqdm bar per epoch when stderr is a terminal
+    return c
+
+
+# Loss weights (gamma for cross-entropy, alpha for KD, beta for the method's own term), RepDistiller's defaults.
+METHOD_WEIGHTS = {
+    "none": (1.0, 0.0, 0.0),
+    "kd": (0.1, 0.9, 0.0),
+    "crd": (1.0, 0.0, 0.8),
+    "crdkd": (1.0, 1.0, 0.8),
+    "wcord": (1.0, 0.0, 0.8),
+    "wcordkd": (1.0, 1.0, 0.8),
+}
+
+
+def distill_config(method: str, teacher: str, student: str) -> ml_collections.ConfigDict:
+    """A student distilled from a frozen teacher with `method`, on the teacher's recipe (RepDistiller)."""
+    if method not in METHOD_WEIGHTS:
+        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHOD_WEIGHTS)}")
+    c = teacher_config(student)
+    c.task = "distill"
+    c.method = method
+    c.teacher = ml_collections.ConfigDict()
+    c.teacher.model = teacher
+    c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a teacher run's workdir
+    c.gamma, c.alpha, c.beta = METHOD_WEIGHTS[method]
+    c.kd_temperature = 4.0
+
+    c.crd = ml_collections.ConfigDict()
+    c.crd.feat_dim = 128  # embedding size of both heads
+    c.crd.nce_k = 16384  # negatives per anchor
+    c.crd.nce_t = 0.07  # temperature
+    c.crd.nce_m = 0.5  # memory momentum
+    c.crd.sample_with_replacement = False  # RepDistiller draws negatives without replacement (slower)
+
+    c.wcord = ml_collections.ConfigDict()
+    c.wcord.feat_dim = 128
+    c.wcord.tau = 0.07  # critic temperature: f(t, s) = <g_t(t), g_s(s)> / tau
+    c.wcord.num_negatives = 16384  # queue length K (split over the devices)
+    c.wcord.negatives = "queue"  # queue | memory (CRD's memory bank, with crd.* settings)
+    c.wcord.lipschitz = "spectral"  # spectral | gradient_penalty | none
+    c.wcord.power_iterations = 1  # spectral-norm power-iteration steps per train step
+    c.wcord.gp_weight = 1.0  # weight of the gradient penalty (lipschitz=gradient_penalty)
+    c.wcord.lambda_local = 1.0  # method term = global + lambda_local * local
+    c.wcord.epsilon = 0.05  # entropic regularisation of the local OT (absolute)
+    c.wcord.sinkhorn_iterations = 100
+    c.wcord.sinkhorn_threshold = 1e-3
+    c.wcord.local_gradient = "implicit"  # implicit | unrolled | stop_plan
+    c.wcord.local_scope = "global"  # global (OT over the all-gathered batch) | device (per-device batch)
     return c

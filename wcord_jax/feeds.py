@@ -102,11 +102,13 @@ class InMemoryFeed:
             yield end - pos, (self.images, self.labels, idx)
             pos = end
 
-    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0):
+    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P()):
         """Compiles per-device `step_fn(state, batch, *extra) -> (state, metrics)` into one dispatch.
 
         The result is `run(state, *extra, images, labels, idx)`: `extra` are replicated inputs the step reads but
-        does not update (a frozen teacher's variables, say); the state is donated.
+        does not update (a frozen teacher's variables, say); the state is donated. `state_spec` is a PartitionSpec
+        (or a pytree prefix of them) for the state: replicated by default, `P('data')` for leaves split over the
+        devices (a sharded negative queue).
         """
         mean, std = self._mean, self._std
 
@@ -124,8 +126,8 @@ class InMemoryFeed:
                 return state, jax.tree.map(lambda m: m[None], metrics)
             return lax.scan(body, state, idx)
 
-        in_specs = (P(),) * (1 + num_extra) + (P(), P(), P(None, AXIS))
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(P(), P()))
+        in_specs = (state_spec,) + (P(),) * num_extra + (P(), P(), P(None, AXIS))
+        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(state_spec, P()))
         return jax.jit(mapped, donate_argnums=(0,))
 
     def make_evaluator(self, apply_fn: Callable, dtype) -> Callable[[dict], dict]:
@@ -186,7 +188,7 @@ class StreamFeed:
                 break
             yield 1, (self._global(batch),)
 
-    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0):
+    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P()):
         """As `InMemoryFeed.make_runner`, for `run(state, *extra, batch)` on one host batch."""
         del augment  # done by tf.data
         mean, std = self._mean, self._std
@@ -195,8 +197,8 @@ class StreamFeed:
             extra, batch = args[:num_extra], args[num_extra]
             return step_fn(state, dict(batch, image=aug.normalize(batch["image"], mean, std, dtype)), *extra)
 
-        in_specs = (P(),) * (1 + num_extra) + (P(AXIS),)
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(P(), P()))
+        in_specs = (state_spec,) + (P(),) * num_extra + (P(AXIS),)
+        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(state_spec, P()))
         return jax.jit(mapped, donate_argnums=(0,))
 
     def make_evaluator(self, apply_fn: Callable, dtype) -> Callable[[dict], dict]:

@@ -50,6 +50,17 @@ def _config_key_hint(argv: list[str], error: Exception) -> str:
     return str(error).splitlines()[0]
 
 
+def _setup_logging() -> None:
+    """Plain `HH:MM:SS message` lines for the library's log; absl's own logging only for warnings."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    lib = logging.getLogger("wcord_jax")
+    lib.handlers[:] = [handler]
+    lib.setLevel(logging.INFO)
+    lib.propagate = False
+    logging.getLogger("absl").setLevel(logging.WARNING)
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -66,17 +77,16 @@ def main(argv: list[str]) -> None:
         _fail("--config is required, e.g. --config configs/teacher.py:resnet8")
     if not workdir:
         _fail("--workdir is required: the directory for checkpoints and metrics")
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    _setup_logging()
 
-    from wcord_jax import train  # after flag parsing: importing JAX is slow
+    from wcord_jax import distill, train  # after flag parsing: importing JAX is slow
     from wcord_jax.data import DataNotFoundError
 
     try:
         task = config.get("task", "teacher")
     except OSError as e:  # config_flags defers a missing or broken config file until first use
         _fail(f"cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")
-    runners = {"teacher": train.train_and_evaluate}
+    runners = {"teacher": train.train_and_evaluate, "distill": distill.distill_and_evaluate}
     if task not in runners:
         _fail(f"unknown task {task!r}; valid: {', '.join(runners)}")
     try:

@@ -32,3 +32,12 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
 def shard_batch(tree: Any, mesh: Mesh, spec: P = P(AXIS)) -> Any:
     """Splits the leading (or `spec`-named) axis of every leaf across the mesh."""
     return jax.device_put(tree, NamedSharding(mesh, spec))
+
+
+def place(tree: Any, mesh: Mesh, spec: Any = P()) -> Any:
+    """Puts `tree` on the mesh with `spec` (a PartitionSpec, or a pytree prefix of PartitionSpecs)."""
+    shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), spec, is_leaf=lambda x: isinstance(x, P))
+    if isinstance(shardings, NamedSharding):
+        return jax.device_put(tree, shardings)
+    return jax.tree.map(lambda sh, sub: jax.device_put(sub, sh), shardings, tree,
+                        is_leaf=lambda x: isinstance(x, NamedSharding))

@@ -15,7 +15,7 @@ import logging
 import os
 import signal
 import time
-from typing import Any
+from typing import Any, Callable, Optional
 
 import flax
 import jax
@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jax import lax
+from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import data as data_lib
@@ -56,9 +57,19 @@ class ConfigError(ValueError):
 # Optimizer
 
 
+def decay_epochs(config) -> tuple[float, ...]:
+    """The epochs after which the learning rate drops, scaled to this run's length (see `lr_schedule_epochs`)."""
+    scale = config.num_epochs / config.lr_schedule_epochs if config.lr_schedule_epochs else 1.0
+    return tuple(float(e) * scale for e in config.lr_decay_epochs)
+
+
 def learning_rate_schedule(config, steps_per_epoch: int) -> optax.Schedule:
-    """RepDistiller's step schedule: lr * rate^(number of decay epochs already passed), changing at epoch starts."""
-    boundaries = {int(e) * steps_per_epoch: config.lr_decay_rate for e in config.lr_decay_epochs}
+    """RepDistiller's step schedule: lr * rate^(number of decay epochs passed), changing at the step that starts
+    epoch e (e * steps_per_epoch, rounded for fractional epochs)."""
+    boundaries = {}
+    for e in decay_epochs(config):
+        step = int(round(e * steps_per_epoch))
+        boundaries[step] = boundaries.get(step, 1.0) * config.lr_decay_rate
     return optax.piecewise_constant_schedule(config.learning_rate, boundaries)
 
 
@@ -174,7 +185,7 @@ def _check_resume_matches(workdir: str, config) -> None:
         return
     with open(path, encoding="utf-8") as f:
         old = json.load(f)
-    for key in ("model", "task"):
+    for key in ("model", "task", "method"):
         if key in old and old[key] != config.get(key):
             raise ConfigError(f"{workdir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}: "
                               f"use another --workdir")
@@ -203,18 +214,22 @@ def train_and_evaluate(config, workdir: str) -> dict:
                         learning_rate_schedule(config, feed.steps_per_epoch), describe=f"{config.model} on {dataset.name}")
 
 
-def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, schedule, describe: str) -> dict:
+def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, schedule, describe: str,
+                 state_spec=P(), before_training: Optional[Callable[[], dict]] = None) -> dict:
     """The epoch loop shared by every kind of run: resume, train, evaluate, checkpoint, log.
 
-    `state` is a freshly initialised train state (a pytree with `step` and `rng`); `run_steps(state, *args)` is a
-    compiled dispatch from `feed.make_runner`; `evaluate(state)` returns the eval metrics.
+    `state` is a freshly initialised train state (a pytree with `step` and `rng`), placed on the mesh with
+    `state_spec`; `run_steps(state, *args)` is a compiled dispatch from `feed.make_runner`; `evaluate(state)` returns
+    the eval metrics. `before_training()`, if given, returns metrics logged at step 0 of a fresh run (the teacher's
+    accuracy, say).
     """
     steps_per_epoch = feed.steps_per_epoch
     total_steps = steps_per_epoch * config.num_epochs
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     _check_resume_matches(workdir, config)
-    state = parallel.replicate(state, mesh)
+    # Copy first: leaves that share one buffer (equal constants) cannot both be donated to the step.
+    state = parallel.place(jax.tree.map(jnp.copy, state), mesh, state_spec)
     ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)
     best_top1 = -1.0
     if ckpt.latest_step() is not None:
@@ -227,7 +242,11 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
         log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,
                  feed.dataset.num_train, feed.dataset.num_test, mesh.devices.size, jax.devices()[0].platform,
                  steps_per_epoch, config.num_epochs)
+        log.info("learning rate %g, times %g after epochs %s", config.learning_rate, config.lr_decay_rate,
+                 ", ".join(f"{e:g}" for e in decay_epochs(config)))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
+    if before_training is not None and int(state.step) == 0:
+        writer.write(0, before_training())
     result = {}
     try:
         with _StopRequest() as stop:
