@@ -146,23 +146,23 @@ def _smooth_l1(x: jax.Array) -> jax.Array:
 # FitNet
 
 
-def fitnet_loss(f_s: jax.Array, f_t: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
+def fitnet_loss(s: jax.Array, t: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
     r"""FitNet hint loss (RepDistiller `HintLoss`): mean squared error.
 
-    .. math:: \mathcal{L} = \frac{1}{BHWC} \sum (r(f_s) - f_t)^2
+    .. math:: \mathcal{L} = \frac{1}{BHWC} \sum (s - t)^2
 
-    `f_s` must already be the regressor output r(f_s) (`distill_modules.ConvReg` applied to the student's
+    `s` must already be the regressor output (`distill_modules.ConvReg` applied to the student's
     `features[hint_layer]`, hint_layer = 2 by default), of the teacher map's shape. RepDistiller trains the regressor
     jointly with the student in a single stage (loss weight 100, no CE-free hint-pretraining stage), which differs
     from the two-stage training of the FitNets paper.
 
     Args:
-      f_s: [B, H, W, C] regressed student map. f_t: [B, H, W, C] teacher map.
+      s: [B, H, W, C] regressed student map. t: [B, H, W, C] teacher map.
       axis_name: batch mesh axis inside `jax.shard_map` (per-example mean: pmean), or None.
     """
-    if f_s.shape != f_t.shape:
-        raise ValueError(f"fitnet_loss: regressed student map {f_s.shape} and teacher map {f_t.shape} differ")
-    d = _f32(f_s) - _f32(f_t)
+    if s.shape != t.shape:
+        raise ValueError(f"fitnet_loss: regressed student map {s.shape} and teacher map {t.shape} differ")
+    d = _f32(s) - _f32(t)
     return _parallel.pmean(jnp.mean(d * d), axis_name)
 
 
@@ -181,7 +181,7 @@ def at_loss(s_list: Sequence[jax.Array], t_list: Sequence[jax.Array], p: float =
             axis_name: Optional[str] = None) -> jax.Array:
     r"""Attention transfer (RepDistiller `Attention`), summed over layers.
 
-    For each pair, after `match_spatial` (the taller map adaptive-avg-pooled to the smaller height):
+    For each pair of maps, after `match_spatial` (the taller map adaptive-avg-pooled to the smaller height):
 
     .. math::
         a(f) = \frac{v}{\max(\lVert v\rVert_2, 10^{-12})},\quad v_{hw} = \frac1C \sum_c f_{hwc}^p, \qquad
@@ -206,10 +206,11 @@ def at_loss(s_list: Sequence[jax.Array], t_list: Sequence[jax.Array], p: float =
 # SP
 
 
-def sp_loss(f_s: jax.Array, f_t: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
+def sp_loss(s: jax.Array, t: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
     r"""Similarity-preserving KD (RepDistiller `Similarity`) on one pair of maps.
 
-    With Q = the maps flattened to [B, HWC] (the flattening order does not matter for Q Qᵀ):
+    For student and teacher maps s, t ([B, H, W, C]), with Q = a map flattened to [B, HWC] (the flattening order
+    does not matter for Q Qᵀ):
 
     .. math::
         G = \mathrm{rownorm}(Q Q^\top), \qquad
@@ -221,9 +222,9 @@ def sp_loss(f_s: jax.Array, f_t: jax.Array, axis_name: Optional[str] = None) -> 
     Batch-coupled: with `axis_name`, the maps are gathered over the axis; each device builds the rows of G anchored
     at its own examples ([b, B] blocks, each row normalised on its own) and the row sums of squares are psum'd.
     """
-    b = f_s.shape[0]
-    q_s = _f32(f_s).reshape(b, -1)
-    q_t = _f32(f_t).reshape(b, -1)
+    b = s.shape[0]
+    q_s = _f32(s).reshape(b, -1)
+    q_t = _f32(t).reshape(b, -1)
     all_s = _parallel.gather(q_s, axis_name)
     all_t = _parallel.gather(q_t, axis_name)
     g_s = _normalize(q_s @ all_s.T, axis=1)
@@ -237,10 +238,10 @@ def sp_loss(f_s: jax.Array, f_t: jax.Array, axis_name: Optional[str] = None) -> 
 # CC
 
 
-def cc_loss(e_s: jax.Array, e_t: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
+def cc_loss(s_emb: jax.Array, t_emb: jax.Array, axis_name: Optional[str] = None) -> jax.Array:
     r"""Correlation congruence as RepDistiller implements it (`Correlation`, "code emailed by the author").
 
-    With δ_i = |e^s_i - e^t_i| (elementwise) for the embeddings of consecutive batch rows:
+    With δ_i = |s_emb_i - t_emb_i| (elementwise, [B, D]) for the embeddings of consecutive batch rows:
 
     .. math:: \mathcal{L} = \frac{1}{B-1} \sum_{i=1}^{B-1} \sum_d \delta_{i,d}\, \delta_{i+1,d}
 
@@ -251,7 +252,7 @@ def cc_loss(e_s: jax.Array, e_t: jax.Array, axis_name: Optional[str] = None) -> 
     Batch-coupled: with `axis_name`, δ is gathered (in global batch order, so pairs straddling two shards are
     included) and the whole loss is evaluated on every device.
     """
-    delta = jnp.abs(_f32(e_s) - _f32(e_t)).reshape(e_s.shape[0], -1)
+    delta = jnp.abs(_f32(s_emb) - _f32(t_emb)).reshape(s_emb.shape[0], -1)
     delta = _parallel.gather(delta, axis_name)
     return jnp.mean(jnp.sum(delta[:-1] * delta[1:], axis=1))
 
@@ -299,8 +300,10 @@ def vid_loss(mu_list: Sequence[jax.Array], var_list: Sequence[jax.Array], t_list
 
 
 def _pdist_rows(rows: jax.Array, all_rows: jax.Array, diag: jax.Array) -> jax.Array:
-    """RepDistiller `RKDLoss.pdist(squared=False)` restricted to some rows: sqrt(clamp(|x_i|²+|x_j|²-2x_i.x_j, 1e-12)),
-    0 on the diagonal."""
+    """RepDistiller `RKDLoss.pdist(squared=False)` restricted to some rows.
+
+    sqrt(clamp(|x_i|² + |x_j|² - 2 x_i.x_j, min=1e-12)), and 0 where `diag` (i == j).
+    """
     sq_rows = jnp.sum(rows * rows, axis=1)
     sq_all = jnp.sum(all_rows * all_rows, axis=1)
     d2 = sq_rows[:, None] + sq_all[None, :] - 2.0 * (rows @ all_rows.T)
@@ -314,11 +317,11 @@ def _rkd_angles(rows: jax.Array, all_rows: jax.Array) -> jax.Array:
     return jnp.einsum("ijd,ikd->ijk", diff, diff)
 
 
-def rkd_loss(f_s: jax.Array, f_t: jax.Array, distance_weight: float = 25.0, angle_weight: float = 50.0,
+def rkd_loss(s: jax.Array, t: jax.Array, distance_weight: float = 25.0, angle_weight: float = 50.0,
              axis_name: Optional[str] = None) -> jax.Array:
     r"""Relational KD (RepDistiller `RKDLoss`): distance-wise plus angle-wise smooth-L1.
 
-    On the flattened vectors x_i (B x D):
+    On the flattened vectors x_i (B x D) of the student (s) and of the teacher (t):
 
     .. math::
         d_{ij} = \begin{cases} 0 & i = j \\ \sqrt{\max(\lVert x_i\rVert^2 + \lVert x_j\rVert^2 - 2 x_i\cdot x_j,\,
@@ -339,9 +342,9 @@ def rkd_loss(f_s: jax.Array, f_t: jax.Array, distance_weight: float = 25.0, angl
     anchored at its own examples ([b, B] and [b, B, B]; memory O(b·B·D) for the difference vectors), the means of
     the positive distances are psum'd sums over psum'd counts, and the smooth-L1 sums are psum'd.
     """
-    b = f_s.shape[0]
-    s = _f32(f_s).reshape(b, -1)
-    t = lax.stop_gradient(_f32(f_t).reshape(b, -1))
+    b = s.shape[0]
+    s = _f32(s).reshape(b, -1)
+    t = lax.stop_gradient(_f32(t).reshape(b, -1))
     all_s, offset = _gathered_rows(s, axis_name)
     all_t = _parallel.gather(t, axis_name)
     b_global = all_s.shape[0]
@@ -368,7 +371,7 @@ def rkd_loss(f_s: jax.Array, f_t: jax.Array, distance_weight: float = 25.0, angl
 # PKT
 
 
-def pkt_loss(f_s: jax.Array, f_t: jax.Array, eps: float = PKT_EPS, axis_name: Optional[str] = None) -> jax.Array:
+def pkt_loss(s: jax.Array, t: jax.Array, eps: float = PKT_EPS, axis_name: Optional[str] = None) -> jax.Array:
     r"""Probabilistic knowledge transfer (RepDistiller `PKT.cosine_similarity_loss`).
 
     With x̂_i = x_i / (||x_i||_2 + eps) (NaN entries set to 0), eps = 1e-7:
@@ -383,7 +386,7 @@ def pkt_loss(f_s: jax.Array, f_t: jax.Array, eps: float = PKT_EPS, axis_name: Op
     Batch-coupled: with `axis_name`, the normalised vectors are gathered; each device computes the rows of P
     anchored at its own examples and the row sums are psum'd.
     """
-    b = f_s.shape[0]
+    b = s.shape[0]
 
     def unit(x):
         x = _f32(x).reshape(b, -1)
@@ -394,8 +397,8 @@ def pkt_loss(f_s: jax.Array, f_t: jax.Array, eps: float = PKT_EPS, axis_name: Op
         sim = (x @ _parallel.gather(x, axis_name).T + 1.0) / 2.0
         return sim / jnp.sum(sim, axis=1, keepdims=True)
 
-    p_s = probs(unit(f_s))
-    p_t = probs(unit(f_t))
+    p_s = probs(unit(s))
+    p_t = probs(unit(t))
     b_global = b * _parallel.axis_size(axis_name)
     kl = p_t * jnp.log((p_t + eps) / (p_s + eps))
     return _parallel.psum(jnp.sum(kl), axis_name) / (b_global * b_global)
