@@ -77,3 +77,13 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
         np.testing.assert_array_equal(a, b)
     evals = [json.loads(l) for l in metrics.read_text().splitlines() if "eval/top1" in l]
     assert evals[-1]["epoch"] == 3 and evals[-1]["step"] == 24
+
+
+def test_distill_config_errors_are_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    for arg, expected in (("configs/distill.py:foo,resnet8,resnet8", "unknown method 'foo'; valid: none, kd, crd"),
+                          ("configs/distill.py:kd,resnet8,resnet8", "--config.teacher.checkpoint=DIR is required")):
+        out = subprocess.run([sys.executable, "-m", "wcord_jax.main", "--config", arg, "--workdir", str(tmp_path)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+        assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr

@@ -35,9 +35,11 @@ class Checkpointer:
 
     def save(self, step: int, state: Any, meta: dict, best: bool = False) -> None:
         args = ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
-        self.last.save(step, args=args, force=True)
-        if best:
-            self.best.save(step, args=args, force=True)
+        for manager in (self.last, self.best) if best else (self.last,):
+            if step in manager.all_steps():  # left by an earlier attempt at this step (a crash, a rewound run)
+                manager.wait_until_finished()
+                manager.delete(step)
+            manager.save(step, args=args, force=True)
 
     def restore(self, state_like: Any, step: Optional[int] = None) -> tuple[Any, dict]:
         """Restores into the structure, shapes and shardings of `state_like` (an initialised state)."""

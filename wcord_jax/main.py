@@ -30,8 +30,11 @@ def _config_key_hint(argv: list[str], error: Exception) -> str:
         i = argv.index("--config")
         config_arg = argv[i + 1] if i + 1 < len(argv) else None
     bad = [a[len("--config."):].split("=", 1)[0] for a in argv if a.startswith("--config.")]
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()]
+    if lines and "Error whilst parsing config file" in lines[0]:
+        return lines[-1]  # what the config file's get_config raised, e.g. an unknown method
     if config_arg is None or not bad:
-        return str(error).splitlines()[0]
+        return lines[0] if lines else type(error).__name__
     try:
         config = config_flags.config_flags._LoadConfigModule("config", config_arg.split(":", 1)[0])  # noqa: SLF001
         arg = config_arg.split(":", 1)[1] if ":" in config_arg else None

@@ -1,0 +1,178 @@
+"""The distillation engine: teacher loading, the step on 1 and 4 devices, every method end to end, resume."""
+import functools
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from wcord_jax import checkpoint, configs, data, distill, feeds, losses, parallel, train
+
+SMALL = dict(num_train=128, num_test=32, image_size=16, num_classes=4)
+
+
+def _small(config, **overrides):
+    for k, v in SMALL.items():
+        config.dataset[k] = v
+    config.dataset.name = "synthetic"
+    config.batch_size = 16
+    config.eval_batch_size = 16
+    config.num_epochs = 1
+    config.log_every_steps = 4
+    config.progress_bar = False
+    if "crd" in config:
+        config.crd.nce_k = 32
+        config.wcord.num_negatives = 64
+    for k, v in overrides.items():
+        node, *rest = k.split(".")
+        if rest:
+            config[node][rest[0]] = v
+        else:
+            config[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("teacher"))
+    config = _small(configs.teacher_config("resnet8"), num_epochs=2)
+    train.train_and_evaluate(config, workdir)
+    return workdir
+
+
+def _distill_config(method, teacher_dir, **overrides):
+    config = _small(configs.distill_config(method, "resnet8", "resnet8"), **overrides)
+    config.teacher.checkpoint = teacher_dir
+    return config
+
+
+def _setup(config, num_devices):
+    """The pieces of `distill_and_evaluate`, to drive the step by hand."""
+    mesh = parallel.make_mesh(num_devices)
+    ds = data.load(config.dataset, config.seed)
+    feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
+    teacher, teacher_vars = distill.load_teacher(config, ds.num_classes, ds.image_shape, jnp.float32)
+    student = distill.models.get_model(config.model, ds.num_classes, axis_name="data")
+    embed_s, embed_t = distill._heads(config)
+    tx = train.make_optimizer(config, feed.steps_per_epoch)
+    state = distill.create_state(config, jax.random.PRNGKey(0), student, embed_s, embed_t, tx, ds.image_shape,
+                                 64, 64, ds.num_train)
+    spec = distill.state_spec(config)
+    step = functools.partial(distill.distill_step, config=config, student=student, teacher=teacher, embed_s=embed_s,
+                             embed_t=embed_t, tx=tx, n_data=ds.num_train)
+    runner = feed.make_runner(step, jnp.float32, num_extra=2, state_spec=spec)
+    class_index = parallel.replicate(losses.build_class_index(ds.train.labels, ds.num_classes), mesh)
+    teacher_vars = parallel.replicate(teacher_vars, mesh)
+    state = parallel.place(jax.tree.map(jnp.copy, state), mesh, spec)
+    return mesh, feed, state, lambda st, idx: runner(st, teacher_vars, class_index, feed.images, feed.labels, idx)
+
+
+def test_kd_loss_matches_numpy():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(5, 7)), rng.normal(size=(5, 7)) * 3
+    T = 4.0
+
+    def log_softmax(x):
+        x = x - x.max(-1, keepdims=True)
+        return x - np.log(np.exp(x).sum(-1, keepdims=True))
+
+    p_t = np.exp(log_softmax(t / T))
+    expected = (p_t * (np.log(p_t) - log_softmax(s / T))).sum(-1).mean() * T * T
+    np.testing.assert_allclose(losses.kd_loss(jnp.asarray(s), jnp.asarray(t), T), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("method, terms", [
+    ("crdkd", ("ce", "kd", "crd")),
+    ("wcordkd", ("ce", "kd", "wcord_global", "wcord_local")),
+])
+def test_four_devices_give_the_same_losses_as_one(teacher_dir, method, terms):
+    config = _distill_config(method, teacher_dir)
+    order = feeds.epoch_order(jax.random.PRNGKey(1), 0, SMALL["num_train"], 3, config.batch_size)
+    results = []
+    for n in (1, 4):
+        mesh, _, state, run = _setup(config, n)
+        metrics = []
+        for i in range(3):  # three separate dispatches: memory / queue state carried between steps
+            state, m = run(state, parallel.shard_batch(order[i:i + 1], mesh, P(None, "data")))
+            metrics.append(jax.device_get(m))
+        results.append((metrics, state))
+    (m1, s1), (m4, s4) = results
+    for a, b in zip(m1, m4):
+        for term in terms + ("loss",):
+            np.testing.assert_allclose(a[term], b[term], rtol=2e-4, atol=1e-5, err_msg=term)
+    if method == "crdkd":
+        # Every replica holds the same, complete memory, equal to the one-device memory.
+        shards = [np.asarray(s.data) for s in s4.method_state.memory_s.addressable_shards]
+        assert len(shards) == 4 and all(np.array_equal(shards[0], x) for x in shards[1:])
+        np.testing.assert_allclose(shards[0], np.asarray(s1.method_state.memory_s), rtol=1e-4, atol=1e-6)
+        assert float(s4.method_state.z_s) > 0  # Z estimated on the first batch, then kept
+    else:
+        # The queue is really split: each device holds K/4 rows, which together equal the one-device queue.
+        shards = s4.method_state.queue_t.addressable_shards
+        assert {s.data.shape for s in shards} == {(16, 128)}
+        np.testing.assert_allclose(np.asarray(s4.method_state.queue_t), np.asarray(s1.method_state.queue_t),
+                                   rtol=1e-4, atol=1e-5)
+        assert int(s4.method_state.ptr) == int(s1.method_state.ptr) == 48
+
+
+def test_a_step_leaves_the_teacher_unchanged(teacher_dir):
+    config = _distill_config("crdkd", teacher_dir)
+    before = jax.tree.leaves(checkpoint.load_variables(teacher_dir))
+    mesh, feed, state, run = _setup(config, 1)
+    student_before = jax.tree.map(np.asarray, state.params["student"])
+    order = feeds.epoch_order(jax.random.PRNGKey(1), 0, SMALL["num_train"], 2, config.batch_size)
+    state, _ = run(state, parallel.shard_batch(order[:1], mesh, P(None, "data")))
+    assert set(state.params) == {"student", "embed_s", "embed_t"}  # the optimizer sees no teacher parameter
+    changed = jax.tree.map(lambda a, b: not np.array_equal(a, np.asarray(b)), student_before, state.params["student"])
+    assert any(jax.tree.leaves(changed))
+    for a, b in zip(before, jax.tree.leaves(checkpoint.load_variables(teacher_dir))):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_missing_or_mismatched_teacher_checkpoint_is_a_clear_error(teacher_dir, tmp_path):
+    config = _distill_config("kd", str(tmp_path / "nowhere"))
+    with pytest.raises(train.ConfigError, match="teacher checkpoint not found"):
+        distill.distill_and_evaluate(config, str(tmp_path / "w1"))
+    config = _distill_config("kd", teacher_dir)
+    config.teacher.model = "resnet14"
+    with pytest.raises(train.ConfigError, match="holds a resnet8 checkpoint"):
+        distill.distill_and_evaluate(config, str(tmp_path / "w2"))
+    config = _distill_config("kd", teacher_dir)
+    config.dataset.num_classes = 7
+    with pytest.raises(train.ConfigError, match="does not hold a resnet8 for 7 classes"):
+        distill.distill_and_evaluate(config, str(tmp_path / "w3"))
+
+
+@pytest.mark.parametrize("method", distill.METHODS)
+def test_every_method_runs_and_logs_its_terms(teacher_dir, tmp_path, method):
+    config = _distill_config(method, teacher_dir, num_devices=2)
+    result = distill.distill_and_evaluate(config, str(tmp_path))
+    assert 0.0 <= result["eval/top1"] <= 1.0
+    events = train.metrics_lib.read_metrics(str(tmp_path))
+    assert "teacher/top1" in events[0]
+    keys = set().union(*[e for e in events if "train/loss" in e])
+    expected = {"none": set(), "kd": set(), "crd": {"train/crd"}, "crdkd": {"train/crd"},
+                "wcord": {"train/wcord_global", "train/wcord_local", "train/sinkhorn_converged"},
+                "wcordkd": {"train/wcord_global", "train/wcord_local"}}[method]
+    assert {"train/ce", "train/kd", "train/loss", "train/lr"} | expected <= keys
+    assert all(np.isfinite(e["train/loss"]) for e in events if "train/loss" in e)
+
+
+def test_distillation_resumes_with_the_same_weights_and_queue(teacher_dir, tmp_path):
+    config = _distill_config("wcord", teacher_dir, num_devices=2, num_epochs=2, checkpoint_every_steps=4,
+                             keep_checkpoints=10)
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    distill.distill_and_evaluate(config, straight)
+    distill.distill_and_evaluate(config, resumed)
+    last = os.path.join(resumed, "checkpoints", "last")
+    for name in os.listdir(last):  # lose everything after step 12 (epoch 2, step 4 of 8)
+        if name.isdigit() and int(name) > 12:
+            shutil.rmtree(os.path.join(last, name))
+    distill.distill_and_evaluate(config, resumed)
+    a, b = checkpoint.load_variables(straight), checkpoint.load_variables(resumed)
+    assert set(a["params"]) == {"student", "embed_s", "embed_t"}
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
