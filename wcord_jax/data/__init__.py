@@ -87,8 +87,9 @@ def load(cfg, seed: int = 0) -> DataSet:
         return DataSet(name, 1000, (224, 224, 3), num_train, num_test, mean, std, data_dir=data_dir)
 
     if name == "synthetic":
-        train = sources.synthetic(cfg.num_train or 1024, cfg.image_size, cfg.num_channels, cfg.num_classes, seed)
-        test = sources.synthetic(cfg.num_test or 256, cfg.image_size, cfg.num_channels, cfg.num_classes, seed + 1)
+        shape = (cfg.image_size, cfg.num_channels, cfg.num_classes)
+        train = sources.synthetic(cfg.num_train or 1024, *shape, seed=seed + 1, template_seed=seed)
+        test = sources.synthetic(cfg.num_test or 256, *shape, seed=seed + 2, template_seed=seed)
         num_classes = cfg.num_classes
     elif name == "fashion_mnist":
         train, test = _fashion_mnist(cfg)
