@@ -1,11 +1,9 @@
 """Data sources and on-device augmentation."""
 import gzip
-import os
 import struct
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 

@@ -23,11 +23,10 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
-from wcord_jax import data as data_lib
 from wcord_jax import feeds, heads, losses, models, parallel, train
 from wcord_jax.data import augment
 from wcord_jax.configs import METHOD_WEIGHTS
-from wcord_jax.train import AXIS, DTYPES, ConfigError
+from wcord_jax.train import AXIS, ConfigError
 
 log = logging.getLogger("wcord_jax")
 METHODS = tuple(METHOD_WEIGHTS)
@@ -272,13 +271,7 @@ def _feature_dim(module, image_shape) -> int:
 
 def distill_and_evaluate(config, workdir: str) -> dict:
     """Distils `config.teacher` into `config.model` with `config.method`; returns the student's final eval metrics."""
-    mesh = parallel.make_mesh(config.get("num_devices") or None)
-    validate(config, mesh.devices.size)
-    dtype = DTYPES[config.dtype]
-    dataset = data_lib.load(config.dataset, config.seed)
-    feed = feeds.make_feed(dataset, mesh, config)
-    if feed.steps_per_epoch == 0:
-        raise ConfigError(f"batch_size={config.batch_size} is larger than the training set ({dataset.num_train})")
+    mesh, dtype, dataset, feed = train.setup_run(config, validate)
     if not dataset.in_memory and (config.method in CRD_METHODS or config.wcord.negatives == "memory"):
         raise ConfigError("CRD's memory bank needs the labels of the whole training set: use an in-memory data set")
     teacher, teacher_vars = load_teacher(config, dataset.num_classes, dataset.image_shape, dtype)

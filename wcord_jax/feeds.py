@@ -7,7 +7,7 @@ see the same batches, and a resumed run sees the batches it would have seen.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator, Optional
+from typing import Callable, Iterator
 
 import jax
 import jax.numpy as jnp

@@ -191,19 +191,24 @@ def _check_resume_matches(workdir: str, config) -> None:
                               f"use another --workdir")
 
 
+def setup_run(config, validate: Callable) -> tuple:
+    """The mesh, activation dtype, data set and feed of a run, after `validate(config, num_devices)`."""
+    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    validate(config, mesh.devices.size)
+    dataset = data_lib.load(config.dataset, config.seed)
+    feed = feeds.make_feed(dataset, mesh, config)
+    if feed.steps_per_epoch == 0:
+        raise ConfigError(f"batch_size={config.batch_size} is larger than the training set ({dataset.num_train})")
+    return mesh, DTYPES[config.dtype], dataset, feed
+
+
 def train_and_evaluate(config, workdir: str) -> dict:
     """Trains `config.model` on `config.dataset` with cross-entropy; returns the final eval metrics.
 
     Re-running with the same workdir resumes from the latest checkpoint and ends with the same weights as an
     uninterrupted run.
     """
-    mesh = parallel.make_mesh(config.get("num_devices") or None)
-    validate_config(config, mesh.devices.size)
-    dtype = DTYPES[config.dtype]
-    dataset = data_lib.load(config.dataset, config.seed)
-    feed = feeds.make_feed(dataset, mesh, config)
-    if feed.steps_per_epoch == 0:
-        raise ConfigError(f"batch_size={config.batch_size} is larger than the training set ({dataset.num_train})")
+    mesh, dtype, dataset, feed = setup_run(config, validate_config)
     model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
     tx = make_optimizer(config, feed.steps_per_epoch)
     state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, dataset.image_shape)
