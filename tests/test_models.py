@@ -76,9 +76,6 @@ FEATURE_SHAPES = {
 }
 
 IMAGENET = ("resnet18", "resnet34")
-# one representative per family for the (costlier) backward pass
-# (depthwise/grouped-conv gradients are covered by the ShuffleNets)
-BACKWARD_SUBSET = ["resnet8", "wrn_16_1", "vgg8", "ShuffleV1", "ShuffleV2"]
 
 
 def _num_classes(name):
@@ -199,7 +196,7 @@ def test_jit_forward_train_mode(name):
     _preact_relation_holds(name, feats, pre)
 
 
-@pytest.mark.parametrize("name", BACKWARD_SUBSET)
+@pytest.mark.parametrize("name", list_models())
 def test_jit_backward(name):
     model = get_model(name, 10)
     variables = synth_variables(name)
