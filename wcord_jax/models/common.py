@@ -155,6 +155,17 @@ def global_avg_pool(x: jax.Array) -> jax.Array:
     return jnp.mean(x.astype(jnp.float32), axis=(1, 2)).astype(x.dtype)
 
 
+def pooled_head(x: jax.Array, feats: list, pre_feats: list, num_classes: int, *, preact: bool, dtype: Dtype,
+                name: str, **linear_kwargs):
+    """The common end of the zoo's networks: global-average pool, append the pooled vector to both feature lists,
+    classify with `linear` (named `name`); returns (float32 logits, `pre_feats` if `preact` else `feats`)."""
+    x = global_avg_pool(x)
+    feats.append(x)
+    pre_feats.append(x)
+    logits = linear(x, num_classes, dtype=dtype, name=name, **linear_kwargs)
+    return logits_f32(logits), (pre_feats if preact else feats)
+
+
 def max_pool(x: jax.Array, kernel: int, stride: int, padding: int = 0) -> jax.Array:
     """PyTorch ``MaxPool2d(kernel, stride, padding)`` (padding counts as -inf)."""
     return nn.max_pool(

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import batch_norm, conv2d, global_avg_pool, linear, logits_f32, max_pool
+from .common import batch_norm, conv2d, max_pool, pooled_head
 from .resnet import BasicBlock
 
 Dtype = Any
@@ -48,11 +48,7 @@ class ImageNetResNet(nn.Module):
                 inplanes = planes
             feats.append(x)
             pre_feats.append(pre)
-        x = global_avg_pool(x)
-        feats.append(x)
-        pre_feats.append(x)
-        logits = linear(x, self.num_classes, dtype=self.dtype, name="fc")
-        return logits_f32(logits), (pre_feats if preact else feats)
+        return pooled_head(x, feats, pre_feats, self.num_classes, preact=preact, dtype=self.dtype, name="fc")
 
 
 def resnet18(num_classes: int = 1000, *, dtype: Dtype = jnp.float32,

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import batch_norm, conv2d, global_avg_pool, linear, logits_f32
+from .common import batch_norm, conv2d, pooled_head
 
 Dtype = Any
 
@@ -86,11 +86,7 @@ class ResNet(nn.Module):
                 inplanes = planes
             feats.append(x)
             pre_feats.append(pre)
-        x = global_avg_pool(x)
-        feats.append(x)
-        pre_feats.append(x)
-        logits = linear(x, self.num_classes, dtype=self.dtype, name="fc")
-        return logits_f32(logits), (pre_feats if preact else feats)
+        return pooled_head(x, feats, pre_feats, self.num_classes, preact=preact, dtype=self.dtype, name="fc")
 
 
 def _factory(depth: int, filters: Sequence[int]):

@@ -13,8 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import (avg_pool, batch_norm, channel_shuffle, conv2d, global_avg_pool, linear,
-                     logits_f32)
+from .common import avg_pool, batch_norm, channel_shuffle, conv2d, pooled_head
 
 Dtype = Any
 
@@ -81,11 +80,7 @@ class ShuffleNetV1(nn.Module):
                                            name=f"layer{stage + 1}_{i}")(x, train)
             feats.append(x)
             pre_feats.append(pre)
-        x = global_avg_pool(x)
-        feats.append(x)
-        pre_feats.append(x)
-        logits = linear(x, self.num_classes, dtype=self.dtype, name="linear")
-        return logits_f32(logits), (pre_feats if preact else feats)
+        return pooled_head(x, feats, pre_feats, self.num_classes, preact=preact, dtype=self.dtype, name="linear")
 
 
 def ShuffleV1(num_classes: int = 100, *, dtype: Dtype = jnp.float32,

@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import batch_norm, channel_shuffle, conv2d, global_avg_pool, linear, logits_f32
+from .common import batch_norm, channel_shuffle, conv2d, pooled_head
 
 Dtype = Any
 
@@ -103,11 +103,7 @@ class ShuffleNetV2(nn.Module):
             pre_feats.append(pre)
         x = conv2d(x, self.out_channels[3], 1, init="torch", dtype=self.dtype, name="conv2")
         x = nn.relu(batch_norm(x, train, name="bn2", **bn))
-        x = global_avg_pool(x)
-        feats.append(x)
-        pre_feats.append(x)
-        logits = linear(x, self.num_classes, dtype=self.dtype, name="linear")
-        return logits_f32(logits), (pre_feats if preact else feats)
+        return pooled_head(x, feats, pre_feats, self.num_classes, preact=preact, dtype=self.dtype, name="linear")
 
 
 def ShuffleV2(num_classes: int = 100, *, dtype: Dtype = jnp.float32,

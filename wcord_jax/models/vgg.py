@@ -13,7 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import batch_norm, conv2d, global_avg_pool, linear, logits_f32, max_pool, normal_001
+from .common import batch_norm, conv2d, max_pool, normal_001, pooled_head
 
 Dtype = Any
 
@@ -62,12 +62,8 @@ class VGG(nn.Module):
             x = nn.relu(pre)
             feats.append(x)
             pre_feats.append(pre)
-        x = global_avg_pool(x)
-        feats.append(x)
-        pre_feats.append(x)
-        logits = linear(x, self.num_classes, kernel_init=normal_001, zero_bias=True,
-                        dtype=self.dtype, name="classifier")
-        return logits_f32(logits), (pre_feats if preact else feats)
+        return pooled_head(x, feats, pre_feats, self.num_classes, preact=preact, kernel_init=normal_001,
+                           zero_bias=True, dtype=self.dtype, name="classifier")
 
 
 def _factory(cfg_name: str, depth: int):

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .common import conv2d, batch_norm, global_avg_pool, linear, logits_f32, make_batch_norm
+from .common import batch_norm, conv2d, make_batch_norm, pooled_head
 
 Dtype = Any
 
@@ -86,11 +86,8 @@ class WideResNet(nn.Module):
         out = nn.relu(bn_final(x, use_running_average=not train))
         if preact:
             pre_feats[3] = bn_final(x, use_running_average=not train)
-        out = global_avg_pool(out)
-        feats.append(out)
-        pre_feats.append(out)
-        logits = linear(out, self.num_classes, zero_bias=True, dtype=self.dtype, name="fc")
-        return logits_f32(logits), (pre_feats if preact else feats)
+        return pooled_head(out, feats, pre_feats, self.num_classes, preact=preact, zero_bias=True,
+                           dtype=self.dtype, name="fc")
 
 
 def _factory(depth: int, widen: int):
