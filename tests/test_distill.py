@@ -176,3 +176,34 @@ def test_distillation_resumes_with_the_same_weights_and_queue(teacher_dir, tmp_p
     assert set(a["params"]) == {"student", "embed_s", "embed_t"}
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+METHOD_TERMS = {"none": ("ce",), "kd": ("ce", "kd"), "crd": ("ce", "crd"), "crdkd": ("ce", "kd", "crd"),
+                "wcord": ("ce", "wcord_global", "wcord_local"), "wcordkd": ("ce", "kd", "wcord_global", "wcord_local")}
+
+
+@pytest.mark.parametrize("method", distill.METHODS)
+def test_a_few_steps_lower_each_term_of_the_method(teacher_dir, method):
+    """Training on one batch lowers every loss term on that batch, against fixed negatives: the memories / queue of
+    a reference state (fresh momentum) are used in every step, and the terms are read from a step on the probe batch before and after
+    training, both with the reference state's step counter (so the same augmentation and CRD draws)."""
+    config = _distill_config(method, teacher_dir, learning_rate=0.02)
+    mesh, _, state, run = _setup(config, 1)
+    order = feeds.epoch_order(jax.random.PRNGKey(1), 0, SMALL["num_train"], 8, config.batch_size)
+    batch = functools.partial(parallel.shard_batch, mesh=mesh, spec=P(None, "data"))
+    for i in range(3):  # fill the queue / set CRD's Z from other batches
+        state, _ = run(state, batch(order[i:i + 1]))
+    # Fresh momentum: the warm-up's momentum, built against other batches and an evolving queue, is not the
+    # probe objective's.
+    reference = state.replace(opt_state=jax.tree.map(jnp.zeros_like, state.opt_state))
+    state = jax.tree.map(jnp.copy, reference)
+    probe = batch(order[3:4])
+    _, before = run(jax.tree.map(jnp.copy, reference), probe)
+    for _ in range(8):  # against the reference negatives (else the probe's own past embeddings become negatives)
+        state, _ = run(state.replace(method_state=jax.tree.map(jnp.copy, reference.method_state)), probe)
+    _, after = run(jax.tree.map(jnp.copy, state.replace(step=reference.step, method_state=reference.method_state)),
+                   probe)
+    before, after = jax.device_get(before), jax.device_get(after)
+    assert set(METHOD_TERMS) == set(distill.METHODS)
+    for term in METHOD_TERMS[method]:
+        assert after[term][0] < before[term][0], (term, before[term], after[term])

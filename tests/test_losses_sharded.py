@@ -91,9 +91,10 @@ def test_wcord_global_loss_sharded_queue(mesh):
         _close_tree(g4, g1, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(state4.queue_s), np.asarray(state1.queue_s), atol=1e-6)
         np.testing.assert_allclose(np.asarray(state4.queue_t), np.asarray(state1.queue_t), atol=1e-6)
-        assert int(state4.ptr) == int(state1.ptr)
+        assert int(state4.ptr) == int(state1.ptr) and int(state4.filled) == int(state1.filled)
         ptrs.append(int(state4.ptr))
     assert ptrs == [12, 24, 4, 16, 28, 8]
+    assert int(state4.filled) == k
 
 
 def _crd_batches(n, b_global, k, steps, seed=0):

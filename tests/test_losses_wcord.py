@@ -133,31 +133,36 @@ def test_infonce_helpers():
                                    rtol=1e-5)
 
 
-def test_global_loss_matches_numpy_and_enqueues_fifo():
+@pytest.mark.parametrize("empty", [True, False])
+def test_global_loss_matches_numpy_and_enqueues_fifo(empty):
     tau, k, b, d = 0.1, 16, 6, 5
-    state = init_queue_state(jax.random.key(0), k, d)
+    state = init_queue_state(jax.random.key(0), k, d, empty=empty)
     np.testing.assert_allclose(np.linalg.norm(np.asarray(state.queue_s), axis=1), 1.0, rtol=1e-6)
     q_s, q_t = np.array(state.queue_s, np.float64), np.array(state.queue_t, np.float64)
-    ptr = 0
+    ptr, filled = 0, 0 if empty else k
     step = jax.jit(wcord_global_loss, static_argnames="tau")
     rng = np.random.default_rng(0)
+    losses = []
     for _ in range(4):  # 24 rows through a 16-row queue: wraps around
         es = _unit(rng.normal(size=(b, d))).astype(np.float32)
         et = _unit(rng.normal(size=(b, d))).astype(np.float32)
         loss, state = step(state, es, et, tau=tau)
-        ref = np_infonce(es, et, q_t, tau) + np_infonce(et, es, q_s, tau)
-        np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+        # Only the rows written so far are negatives (an empty queue: none on the first step, 6, 12, then all 16).
+        ref = np_infonce(es, et, q_t[:filled], tau) + np_infonce(et, es, q_s[:filled], tau)
+        np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-7)
+        losses.append(float(loss))
         rows = (ptr + np.arange(b)) % k
         q_s[rows], q_t[rows] = es, et
-        ptr = (ptr + b) % k
+        ptr, filled = (ptr + b) % k, min(filled + b, k)
         np.testing.assert_allclose(np.asarray(state.queue_s), q_s, atol=1e-7)
         np.testing.assert_allclose(np.asarray(state.queue_t), q_t, atol=1e-7)
-        assert int(state.ptr) == ptr
+        assert int(state.ptr) == ptr and int(state.filled) == filled
+    assert (losses[0] == 0.0) == empty
 
 
 def test_global_loss_gradients_negatives_are_constants():
     tau, k, b, d = 0.1, 8, 4, 3
-    state = init_queue_state(jax.random.key(1), k, d)
+    state = init_queue_state(jax.random.key(1), k, d, empty=False)
     rng = np.random.default_rng(1)
     es = jnp.asarray(_unit(rng.normal(size=(b, d))), jnp.float32)
     et = jnp.asarray(_unit(rng.normal(size=(b, d))), jnp.float32)
@@ -172,7 +177,7 @@ def test_global_loss_gradients_negatives_are_constants():
     g_ref = jax.grad(reference, argnums=(0, 1))(es, et, state.queue_s, state.queue_t)
     for x, r in zip(g, g_ref):
         np.testing.assert_allclose(np.asarray(x), np.asarray(r), rtol=1e-5, atol=1e-7)
-    gq = jax.grad(lambda q: wcord_global_loss(QueueState(q, q, state.ptr), es, et, tau=tau)[0])(state.queue_s)
+    gq = jax.grad(lambda q: wcord_global_loss(QueueState(q, q, state.ptr, state.filled), es, et, tau=tau)[0])(state.queue_s)
     assert float(jnp.abs(gq).max()) == 0.0
 
 

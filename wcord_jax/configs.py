@@ -79,6 +79,7 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a teacher run's workdir
     c.gamma, c.alpha, c.beta = METHOD_WEIGHTS[method]
     c.kd_temperature = 4.0
+    c.heads_lr_scale = 1.0  # learning rate of the embedding heads / the student's (SGD: scales their updates)
 
     c.crd = ml_collections.ConfigDict()
     c.crd.feat_dim = 128  # embedding size of both heads
@@ -92,6 +93,7 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.wcord.tau = 0.07  # critic temperature: f(t, s) = <g_t(t), g_s(s)> / tau
     c.wcord.num_negatives = 16384  # queue length K (split over the devices)
     c.wcord.negatives = "queue"  # queue | memory (CRD's memory bank, with crd.* settings)
+    c.wcord.queue_init = "empty"  # empty (only written rows are negatives) | random (MoCo: random unit vectors)
     c.wcord.lipschitz = "spectral"  # spectral | gradient_penalty | none
     c.wcord.power_iterations = 1  # spectral-norm power-iteration steps per train step
     c.wcord.gp_weight = 1.0  # weight of the gradient penalty (lipschitz=gradient_penalty)

@@ -25,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import feeds, heads, losses, models, parallel, train
 from wcord_jax.data import augment
+from wcord_jax.losses import _parallel
 from wcord_jax.configs import METHOD_WEIGHTS
 from wcord_jax.train import AXIS, ConfigError
 
@@ -74,6 +75,8 @@ def validate(config, num_devices: int) -> None:
         raise ConfigError(f"unknown wcord.local_scope {w.local_scope!r}; valid: global, device")
     if w.negatives not in ("queue", "memory"):
         raise ConfigError(f"unknown wcord.negatives {w.negatives!r}; valid: queue, memory")
+    if w.queue_init not in ("empty", "random"):
+        raise ConfigError(f"unknown wcord.queue_init {w.queue_init!r}; valid: empty, random")
     if config.method in WCORD_METHODS and w.negatives == "queue":
         if w.num_negatives % num_devices or w.num_negatives < config.batch_size:
             raise ConfigError(f"wcord.num_negatives={w.num_negatives} must be a multiple of the device count "
@@ -138,7 +141,8 @@ def create_state(config, key, student, embed_s, embed_t, tx, image_shape, s_dim,
     if config.method in CRD_METHODS or (config.method in WCORD_METHODS and config.wcord.negatives == "memory"):
         method_state = losses.init_crd_state(state_key, n_data, _method_config(config).feat_dim)
     elif config.method in WCORD_METHODS:
-        method_state = losses.init_queue_state(state_key, config.wcord.num_negatives, config.wcord.feat_dim)
+        method_state = losses.init_queue_state(state_key, config.wcord.num_negatives, config.wcord.feat_dim,
+                                               empty=config.wcord.queue_init == "empty")
     return DistillState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=init.get("batch_stats", {}),
                         spectral=spectral, opt_state=tx.init(params), rng=key, method_state=method_state)
 
@@ -191,6 +195,21 @@ def _gradient_penalty(embed_s, embed_t, params, feat_s, feat_t, tau):
     return lax.pmean(jnp.mean((norms - 1.0) ** 2), AXIS)
 
 
+def _embedding_stats(emb_s, emb_t) -> dict:
+    """Health of the heads over the global batch: the mean cosine of positive pairs (alignment) and the mean
+    cosine between different examples' student / teacher embeddings (near 1: the heads have collapsed)."""
+    s = lax.stop_gradient(_parallel.gather(emb_s.astype(jnp.float32), AXIS))
+    t = lax.stop_gradient(_parallel.gather(emb_t.astype(jnp.float32), AXIS))
+    b = s.shape[0]
+
+    def off_diagonal_mean(e):
+        g = e @ e.T
+        return (jnp.sum(g) - jnp.trace(g)) / max(b * (b - 1), 1)
+
+    return {"emb_pos_cos": jnp.mean(jnp.sum(s * t, axis=1)), "emb_student_cos": off_diagonal_mean(s),
+            "emb_teacher_cos": off_diagonal_mean(t)}
+
+
 def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, student, teacher, embed_s,
                  embed_t, tx, n_data: int):
     """One distillation step on this device's shard (inside shard_map over `data`); see the module docstring."""
@@ -217,6 +236,7 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
             emb_t, spec_t = _embed(embed_t, params["embed_t"], state.spectral.get("embed_t"), t_feat, True)
             if state.spectral:
                 spectral = {"embed_s": spec_s, "embed_t": spec_t}
+            extra.update(_embedding_stats(emb_s, emb_t))
         if method in CRD_METHODS:
             c = config.crd
             term, method_state = losses.crd_loss(state.method_state, emb_s, emb_t, batch["index"], contrast_idx,
@@ -252,6 +272,9 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     terms, extra, batch_stats, method_state, spectral, s_logits = aux
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    if config.heads_lr_scale != 1.0:
+        updates = {k: jax.tree.map(lambda u: u * config.heads_lr_scale, v) if k.startswith("embed") else v
+                   for k, v in updates.items()}
     params = optax.apply_updates(state.params, updates)
     top1 = lax.pmean(jnp.mean((jnp.argmax(s_logits, -1) == batch["label"]).astype(jnp.float32)), AXIS)
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, spectral=spectral,

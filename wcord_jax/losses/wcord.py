@@ -43,20 +43,28 @@ class QueueState:
       queue_s: [K, D] float32 student embeddings of past batches (negatives for teacher anchors).
       queue_t: [K, D] float32 teacher embeddings of past batches (negatives for student anchors).
       ptr: int32 scalar, the global row the next batch is written at.
+      filled: int32 scalar, how many rows hold embeddings (rows [0, filled) are negatives; the rest are ignored).
 
     Inside shard_map, `queue_s` / `queue_t` are sharded `P(axis)` (device d holds global rows [d*K/n, (d+1)*K/n))
-    and `ptr` is replicated `P()`.
+    and `ptr`, `filled` are replicated `P()`.
     """
 
     queue_s: jax.Array
     queue_t: jax.Array
     ptr: jax.Array
+    filled: jax.Array
 
 
-def init_queue_state(key: jax.Array, size: int, dim: int) -> QueueState:
-    """Both queues filled with independent random unit vectors (normal draws, L2-normalised); ptr = 0.
+def init_queue_state(key: jax.Array, size: int, dim: int, empty: bool = True) -> QueueState:
+    """Two queues of `size` (K) rows; ptr = 0.
 
-    `size` (K) must be a multiple of the number of devices the queue is sharded over.
+    `empty=True` (default): no row counts as a negative until a batch has been written to it (`filled` = 0), so the
+    negatives are always real past embeddings. `empty=False`: MoCo's start, every row a random unit vector (normal
+    draws, L2-normalised) that counts as a negative from the first step (`filled` = K). Random unit vectors are
+    nearly orthogonal to any embedding, so until the queue has turned over they are easy negatives that reward
+    mapping every example to one direction (the heads collapse); see the README.
+
+    `size` must be a multiple of the number of devices the queue is sharded over.
     """
     k_s, k_t = jax.random.split(key)
 
@@ -64,13 +72,15 @@ def init_queue_state(key: jax.Array, size: int, dim: int) -> QueueState:
         x = jax.random.normal(k, (size, dim), jnp.float32)
         return x / jnp.linalg.norm(x, axis=1, keepdims=True)
 
-    return QueueState(queue_s=unit_rows(k_s), queue_t=unit_rows(k_t), ptr=jnp.zeros((), jnp.int32))
+    return QueueState(queue_s=unit_rows(k_s), queue_t=unit_rows(k_t), ptr=jnp.zeros((), jnp.int32),
+                      filled=jnp.asarray(0 if empty else size, jnp.int32))
 
 
 def queue_state_specs(axis_name: str) -> QueueState:
     """The `PartitionSpec`s of a `QueueState` under shard_map / NamedSharding: queues split over `axis_name`, ptr
     replicated (for `in_specs` / `out_specs` and for placing `init_queue_state`'s output on the mesh)."""
-    return QueueState(queue_s=PartitionSpec(axis_name), queue_t=PartitionSpec(axis_name), ptr=PartitionSpec())
+    return QueueState(queue_s=PartitionSpec(axis_name), queue_t=PartitionSpec(axis_name), ptr=PartitionSpec(),
+                      filled=PartitionSpec())
 
 
 def infonce_logits(anchors: jax.Array, positives: jax.Array, negatives: jax.Array,
@@ -99,14 +109,17 @@ def infonce_from_logits(pos: jax.Array, neg: jax.Array) -> jax.Array:
     return jnp.logaddexp(pos, jax.nn.logsumexp(neg, axis=-1)) - pos
 
 
-def _sharded_logsumexp(logits: jax.Array, axis_name: Optional[str]) -> jax.Array:
-    """log sum_k exp(logits[:, k]) over the columns of every device: [B], typed invariant.
+def _sharded_infonce(pos: jax.Array, neg: jax.Array, valid: jax.Array, axis_name: Optional[str]) -> jax.Array:
+    """log(e^pos_i + sum_k valid_k e^neg_ik) - pos_i over the negative columns of every device: [B], invariant.
 
-    Stable form: shift by the (stop-gradient) maximum over all devices (pmax), psum the shifted exp-sums.
+    Stable form: shift by the (stop-gradient) maximum of the positive and of every device's valid negatives (pmax),
+    psum the shifted exp-sums. With no valid negative the loss is 0.
     """
-    shift = lax.stop_gradient(_parallel.pmax(lax.stop_gradient(jnp.max(logits, axis=1)), axis_name))
-    total = _parallel.psum(jnp.sum(jnp.exp(logits - shift[:, None]), axis=1), axis_name)
-    return shift + jnp.log(total)
+    neg = jnp.where(valid[None, :], neg, -jnp.inf)
+    neg_max = _parallel.pmax(lax.stop_gradient(jnp.max(neg, axis=1)), axis_name)
+    shift = lax.stop_gradient(jnp.maximum(neg_max, lax.stop_gradient(pos)))
+    total = jnp.exp(pos - shift) + _parallel.psum(jnp.sum(jnp.exp(neg - shift[:, None]), axis=1), axis_name)
+    return shift + jnp.log(total) - pos
 
 
 def _enqueue(queue: jax.Array, batch: jax.Array, ptr: jax.Array, axis_name: Optional[str]) -> jax.Array:
@@ -135,6 +148,9 @@ def wcord_global_loss(state: QueueState, emb_s: jax.Array, emb_t: jax.Array, tau
     negatives, and teacher anchors with their current student positive against student-queue negatives; the two
     batch means are added (symmetrised like CRD's two halves; the weight of the term is the caller's). Queue entries are
     constants; the positive is differentiated on both sides (both heads, i.e. the critic, are trained).
+
+    Only the queue rows that hold embeddings count (the first `filled` rows; all K once the queue has turned over):
+    on the first step of an empty queue there are no negatives and the loss is 0.
 
     After scoring, the batch is enqueued FIFO (stop-gradient): row (ptr + j) mod K receives embedding j, and ptr
     advances by B mod K. Requires B <= K.
@@ -166,11 +182,15 @@ def wcord_global_loss(state: QueueState, emb_s: jax.Array, emb_t: jax.Array, tau
     t = _parallel.gather(emb_t.astype(jnp.float32), axis_name)
     pos, neg_s = infonce_logits(s, t, state.queue_t, tau)  # student anchors vs this device's teacher-queue rows
     _, neg_t = infonce_logits(t, s, state.queue_s, tau)  # teacher anchors vs this device's student-queue rows
-    loss_s = jnp.mean(jnp.logaddexp(pos, _sharded_logsumexp(neg_s, axis_name)) - pos)
-    loss_t = jnp.mean(jnp.logaddexp(pos, _sharded_logsumexp(neg_t, axis_name)) - pos)
+    k_local = state.queue_s.shape[0]
+    rows = _parallel.axis_index(axis_name) * k_local + jnp.arange(k_local, dtype=jnp.int32)
+    valid = rows < state.filled
+    loss_s = jnp.mean(_sharded_infonce(pos, neg_s, valid, axis_name))
+    loss_t = jnp.mean(_sharded_infonce(pos, neg_t, valid, axis_name))
     new_state = QueueState(queue_s=_enqueue(state.queue_s, s, state.ptr, axis_name),
                            queue_t=_enqueue(state.queue_t, t, state.ptr, axis_name),
-                           ptr=jnp.mod(state.ptr + b_global, k_global).astype(jnp.int32))
+                           ptr=jnp.mod(state.ptr + b_global, k_global).astype(jnp.int32),
+                           filled=jnp.minimum(state.filled + b_global, k_global).astype(jnp.int32))
     return loss_s + loss_t, new_state
 
 
