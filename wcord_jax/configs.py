@@ -64,7 +64,22 @@ METHOD_WEIGHTS = {
     "crdkd": (1.0, 1.0, 0.8),
     "wcord": (1.0, 0.0, 0.8),
     "wcordkd": (1.0, 1.0, 0.8),
+    # RepDistiller's baselines (scripts/run_cifar_distill.sh) and DKD (mdistiller).
+    "fitnet": (1.0, 0.0, 100.0),
+    "at": (1.0, 0.0, 1000.0),
+    "sp": (1.0, 0.0, 3000.0),
+    "cc": (1.0, 0.0, 0.02),
+    "vid": (1.0, 0.0, 1.0),
+    "rkd": (1.0, 0.0, 1.0),
+    "pkt": (1.0, 0.0, 30000.0),
+    "ab": (1.0, 0.0, 1.0),
+    "ft": (1.0, 0.0, 200.0),
+    "fsp": (1.0, 0.0, 50.0),
+    "nst": (1.0, 0.0, 50.0),
+    "dkd": (1.0, 0.0, 1.0),
 }
+# Methods with RepDistiller's 30-epoch init stage before the main stage.
+STAGED_METHODS = ("ab", "ft", "fsp")
 
 
 def distill_config(method: str, teacher: str, student: str) -> ml_collections.ConfigDict:
@@ -79,6 +94,20 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a teacher run's workdir
     c.gamma, c.alpha, c.beta = METHOD_WEIGHTS[method]
     c.kd_temperature = 4.0
+    # Init stage of AB / FT / FSP (RepDistiller --init_epochs 30): these epochs run before num_epochs, at a constant
+    # init_learning_rate (None: learning_rate; FT with a resnet / wrn student: 0.01, as RepDistiller).
+    c.init_epochs = 30 if method in STAGED_METHODS else 0
+    c.init_learning_rate = ml_collections.FieldReference(None, field_type=float)
+    c.fitnet = ml_collections.ConfigDict()
+    c.fitnet.hint_layer = 2  # the feature whose map the regressor matches (RepDistiller --hint_layer)
+    c.rkd = ml_collections.ConfigDict()
+    c.rkd.distance_weight = 25.0
+    c.rkd.angle_weight = 50.0
+    c.dkd = ml_collections.ConfigDict()
+    c.dkd.alpha = 1.0  # weight of the target-class term (TCKD)
+    c.dkd.beta = 8.0  # weight of the non-target term (NCKD)
+    c.dkd.temperature = 4.0
+    c.dkd.warmup_epochs = 20.0  # linear warm-up of the DKD term; scales with the run length like lr_decay_epochs
     c.heads_lr_scale = 1.0  # learning rate of the embedding heads / the student's (SGD: scales their updates)
 
     c.crd = ml_collections.ConfigDict()

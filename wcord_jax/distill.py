@@ -1,15 +1,19 @@
-"""Distilling a frozen teacher into a student: KD, CRD and WCoRD through one train step.
+"""Distilling a frozen teacher into a student: KD, CRD, WCoRD and RepDistiller's baselines through one train step.
 
 `distill_step` is the whole step on one device's shard of the global batch (inside `jax.shard_map` over `data`):
-the teacher forward in inference mode, the student forward and backward, the embedding heads, every loss term, the
-optimizer update (student and heads only) and the state updates (CRD memories, WCoRD queues, spectral-norm vectors).
-Every loss is the global-batch loss, identical on every device, so 1 and D devices take the same step.
+the teacher forward in inference mode, the student forward and backward, the method's extra modules (embedding
+heads, regressors, connectors, ...), every loss term, the optimizer update (student and trainable modules only) and
+the state updates (CRD memories, WCoRD queues, spectral-norm vectors, the modules' BatchNorm statistics). Every loss
+is the global-batch loss, identical on every device, so 1 and D devices take the same step.
 
-Total loss, as RepDistiller: gamma * CE + alpha * KD + beta * method, where method is CRD's NCE loss or WCoRD's
-global + lambda_local * local.
+Total loss, as RepDistiller: gamma * CE + alpha * KD + beta * method, where method is the method's own term (CRD's
+NCE loss, WCoRD's global + lambda_local * local, a baseline's loss). AB, FT and FSP first run RepDistiller's init
+stage (`init_epochs`, its own optimizer over its own parameters, see `INIT_STAGE`); their main stage then trains with
+CE (+ KD) only (AB, FSP) or with the FT term through the frozen paraphraser.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from typing import Any
@@ -23,10 +27,11 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
+from wcord_jax import distill_modules as dm
 from wcord_jax import feeds, heads, losses, models, parallel, train
+from wcord_jax.configs import METHOD_WEIGHTS, STAGED_METHODS
 from wcord_jax.data import augment
 from wcord_jax.losses import _parallel
-from wcord_jax.configs import METHOD_WEIGHTS
 from wcord_jax.train import AXIS, ConfigError
 
 log = logging.getLogger("wcord_jax")
@@ -36,15 +41,25 @@ WCORD_METHODS = ("wcord", "wcordkd")
 _METHOD_STREAM, _HEADS_STREAM, _STATE_STREAM = 3, 4, 5
 _LIPSCHITZ = ("spectral", "gradient_penalty", "none")
 _LOCAL_GRADIENTS = {"implicit": "dense", "unrolled": False, "stop_plan": None}
+# The student's classifier, by the zoo's parameter names; the init stages of AB and FSP train everything else.
+CLASSIFIER_NAMES = ("fc", "linear", "classifier")
+# What each init stage trains (RepDistiller helper/pretrain.py): the student's feature layers (all but the
+# classifier) and AB's connector; FSP's student feature layers; FT's paraphraser (on the teacher alone).
+INIT_STAGE = {"ab": ("student_features", "connector"), "fsp": ("student_features",), "ft": ("paraphraser",)}
+# Modules frozen in the main stage (RepDistiller: AB's connector and FT's paraphraser are set to eval and are not in
+# the trainable list).
+FROZEN_IN_MAIN = ("connector", "paraphraser")
 
 
 @flax.struct.dataclass
 class DistillState:
     step: jax.Array
-    params: Any  # {'student': ..., 'embed_s': ..., 'embed_t': ...} (heads only for CRD / WCoRD)
+    params: Any  # {'student': ..., <module name>: ...}: the student and the method's extra modules
     batch_stats: Any  # the student's
+    module_stats: Any  # BatchNorm statistics of the extra modules that have BatchNorm ({name: ...}; {} otherwise)
     spectral: Any  # power-iteration vectors of spectrally normalised heads ({} otherwise)
-    opt_state: Any
+    opt_state: Any  # the main stage's optimizer
+    init_opt_state: Any  # the init stage's optimizer (AB, FT, FSP; () otherwise)
     rng: jax.Array
     method_state: Any  # CRDState (crd, wcord with memory), QueueState (wcord with queue), or {}
 
@@ -57,6 +72,10 @@ def _method_config(config):
     return config.wcord if config.method in WCORD_METHODS else config.crd
 
 
+def init_epochs(config) -> int:
+    return int(config.get("init_epochs", 0) or 0) if config.method in STAGED_METHODS else 0
+
+
 def validate(config, num_devices: int) -> None:
     train.validate_config(config, num_devices)
     if config.method not in METHODS:
@@ -66,6 +85,8 @@ def validate(config, num_devices: int) -> None:
     if not config.teacher.checkpoint:
         raise ConfigError("--config.teacher.checkpoint=DIR is required: the workdir of a trained teacher run "
                           f"(python -m wcord_jax.main --config configs/teacher.py:{config.teacher.model} --workdir DIR)")
+    if config.get("init_epochs", 0) < 0:
+        raise ConfigError(f"init_epochs must be >= 0, got {config.init_epochs}")
     w = config.wcord
     if w.lipschitz not in _LIPSCHITZ:
         raise ConfigError(f"unknown wcord.lipschitz {w.lipschitz!r}; valid: {', '.join(_LIPSCHITZ)}")
@@ -110,32 +131,127 @@ def load_teacher(config, num_classes: int, image_shape, dtype):
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# State
+# Extra modules and state
 
 
-def _heads(config):
-    """(embed_s, embed_t) modules for the method, or (None, None)."""
-    if not uses_heads(config.method):
-        return None, None
-    mc = _method_config(config)
-    spectral = config.method in WCORD_METHODS and config.wcord.lipschitz == "spectral"
-    make = functools.partial(heads.Embed, features=mc.feat_dim, spectral_norm=spectral,
-                             power_iterations=config.wcord.power_iterations)
-    return make(), make()
+class _VIDRegressors(flax.linen.Module):
+    """One `VIDRegressor` per distilled layer (RepDistiller's ModuleList of VIDLoss), student maps -> (mu, var)."""
+
+    s_shapes: Any
+    t_shapes: Any
+
+    @flax.linen.compact
+    def __call__(self, s_list):
+        mus, variances = [], []
+        for i, (x, t) in enumerate(zip(s_list, self.t_shapes)):
+            mu, var = dm.VIDRegressor(t[-1], t[-1], name=f"layer{i}")(x, target_size=t[1])
+            mus.append(mu)
+            variances.append(var)
+        return mus, variances
 
 
-def create_state(config, key, student, embed_s, embed_t, tx, image_shape, s_dim, t_dim, n_data):
+def feature_shapes(module, image_shape, preact: bool = False) -> list[tuple[int, ...]]:
+    """The shapes of `module`'s feature list for one image (batch dimension 1)."""
+    out = jax.eval_shape(lambda: module.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
+                                                         train=False, preact=preact)[0])
+    return [tuple(f.shape) for f in out[1]]
+
+
+def make_modules(config, s_shapes, t_shapes) -> dict:
+    """The method's extra flax modules by name, with example inputs for their initialisation: {name: (module, args)}.
+
+    Raises ConfigError when the method cannot pair these two networks (FitNet's regressor rule, FSP's channels).
+    """
+    method, modules = config.method, {}
+    if uses_heads(method):
+        mc = _method_config(config)
+        spectral = method in WCORD_METHODS and config.wcord.lipschitz == "spectral"
+        make = functools.partial(heads.Embed, features=mc.feat_dim, spectral_norm=spectral,
+                                 power_iterations=config.wcord.power_iterations)
+        modules["embed_s"] = (make(), (jnp.zeros((1, int(np.prod(s_shapes[-1][1:])))),))
+        modules["embed_t"] = (make(), (jnp.zeros((1, int(np.prod(t_shapes[-1][1:])))),))
+    elif method == "cc":
+        modules["embed_s"] = (dm.LinearEmbed(config.crd.feat_dim), (jnp.zeros(s_shapes[-1]),))
+        modules["embed_t"] = (dm.LinearEmbed(config.crd.feat_dim), (jnp.zeros(t_shapes[-1]),))
+    elif method == "fitnet":
+        h = config.fitnet.hint_layer
+        if not 0 <= h < len(s_shapes) - 1:
+            raise ConfigError(f"fitnet.hint_layer={h} is not a feature map index (0..{len(s_shapes) - 2})")
+        try:
+            reg = dm.ConvReg(s_shapes[h], t_shapes[h], axis_name=AXIS)
+            jax.eval_shape(lambda: reg.init(jax.random.PRNGKey(0), jnp.zeros(s_shapes[h]), train=False))
+        except ValueError as e:
+            raise ConfigError(f"fitnet: {e}") from e
+        modules["conv_reg"] = (reg, (jnp.zeros(s_shapes[h]), False))
+    elif method == "vid":
+        modules["vid"] = (_VIDRegressors(s_shapes[1:-1], t_shapes[1:-1]), ([jnp.zeros(x) for x in s_shapes[1:-1]],))
+    elif method == "ab":
+        modules["connector"] = (dm.Connector(s_shapes[1:-1], t_shapes[1:-1], axis_name=AXIS),
+                                ([jnp.zeros(x) for x in s_shapes[1:-1]], False))
+    elif method == "ft":
+        modules["paraphraser"] = (dm.Paraphraser(t_shapes[-2]), (jnp.zeros(t_shapes[-2]),))
+        modules["translator"] = (dm.Translator(s_shapes[-2], t_shapes[-2], axis_name=AXIS),
+                                 (jnp.zeros(s_shapes[-2]), False))
+    elif method == "fsp":
+        try:
+            losses.baselines.check_fsp_shapes(s_shapes[:-1], t_shapes[:-1])
+        except ValueError as e:
+            raise ConfigError(f"fsp cannot pair {config.teacher.model} with {config.model}: {e}") from e
+    return modules
+
+
+def _classifier_name(student_params) -> str:
+    names = [k for k in student_params if k in CLASSIFIER_NAMES]
+    if len(names) != 1:
+        raise ValueError(f"cannot tell the classifier among the student's parameters {sorted(student_params)}")
+    return names[0]
+
+
+def trainable_mask(params, stage: str, method: str):
+    """A pytree of booleans over `params`: what the optimizer of `stage` ('init' or 'main') trains."""
+    if stage == "main":
+        return {k: jax.tree.map(lambda _: k not in FROZEN_IN_MAIN, v) for k, v in params.items()}
+    parts = INIT_STAGE[method]
+    mask = {k: jax.tree.map(lambda _: k in parts, v) for k, v in params.items()}
+    if "student_features" in parts:
+        head = _classifier_name(params["student"])
+        mask["student"] = {k: jax.tree.map(lambda _: k != head, v) for k, v in params["student"].items()}
+    return mask
+
+
+def make_optimizers(config, params, steps_per_epoch: int):
+    """(main, init) optimizers: RepDistiller's SGD over each stage's trainable parameters (`trainable_mask`). The
+    init stage's learning rate is constant; `init` is None for methods without an init stage."""
+    main = optax.masked(train.make_optimizer(config, steps_per_epoch), trainable_mask(params, "main", config.method))
+    if not init_epochs(config):
+        return main, None
+    lr = init_learning_rate(config)
+    init = optax.chain(optax.add_decayed_weights(config.weight_decay), optax.sgd(lr, momentum=config.momentum))
+    return main, optax.masked(init, trainable_mask(params, "init", config.method))
+
+
+def init_learning_rate(config) -> float:
+    if config.get("init_learning_rate") is not None:
+        return float(config.init_learning_rate)
+    if config.method == "ft" and config.model.startswith(("resnet", "wrn")):
+        return 0.01  # RepDistiller's paraphraser pre-training rate for resnet / wrn students
+    return float(config.learning_rate)
+
+
+def create_state(config, key, student, modules: dict, image_shape, n_data: int, steps_per_epoch: int):
+    """The initial state and the (main, init) optimizers."""
     init = jax.jit(functools.partial(student.init, train=False))(jax.random.fold_in(key, 0),
                                                                  jnp.zeros((1, *image_shape)))
     params = {"student": init["params"]}
-    spectral = {}
-    if embed_s is not None:
-        k_s, k_t = jax.random.split(jax.random.fold_in(key, _HEADS_STREAM))
-        for name, module, k, dim in (("embed_s", embed_s, k_s, s_dim), ("embed_t", embed_t, k_t, t_dim)):
-            v = module.init(k, jnp.zeros((1, dim)))
-            params[name] = v["params"]
-            if heads.SPECTRAL_COLLECTION in v:
-                spectral[name] = v[heads.SPECTRAL_COLLECTION]
+    module_stats, spectral = {}, {}
+    keys = jax.random.split(jax.random.fold_in(key, _HEADS_STREAM), max(len(modules), 1))
+    for k, (name, (module, args)) in zip(keys, sorted(modules.items())):
+        v = jax.jit(lambda kk, m=module, a=args: m.init(kk, *a))(k)
+        params[name] = v.get("params", {})
+        if "batch_stats" in v:
+            module_stats[name] = v["batch_stats"]
+        if heads.SPECTRAL_COLLECTION in v:
+            spectral[name] = v[heads.SPECTRAL_COLLECTION]
     state_key = jax.random.fold_in(key, _STATE_STREAM)
     method_state = {}
     if config.method in CRD_METHODS or (config.method in WCORD_METHODS and config.wcord.negatives == "memory"):
@@ -143,8 +259,12 @@ def create_state(config, key, student, embed_s, embed_t, tx, image_shape, s_dim,
     elif config.method in WCORD_METHODS:
         method_state = losses.init_queue_state(state_key, config.wcord.num_negatives, config.wcord.feat_dim,
                                                empty=config.wcord.queue_init == "empty")
-    return DistillState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=init.get("batch_stats", {}),
-                        spectral=spectral, opt_state=tx.init(params), rng=key, method_state=method_state)
+    tx, init_tx = make_optimizers(config, params, steps_per_epoch)
+    state = DistillState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=init.get("batch_stats", {}),
+                         module_stats=module_stats, spectral=spectral, opt_state=tx.init(params),
+                         init_opt_state=init_tx.init(params) if init_tx is not None else (), rng=key,
+                         method_state=method_state)
+    return state, tx, init_tx
 
 
 def state_spec(config) -> Any:
@@ -152,8 +272,8 @@ def state_spec(config) -> Any:
     method_state = P()
     if config.method in WCORD_METHODS and config.wcord.negatives == "queue":
         method_state = losses.queue_state_specs(AXIS)
-    return DistillState(step=P(), params=P(), batch_stats=P(), spectral=P(), opt_state=P(), rng=P(),
-                        method_state=method_state)
+    return DistillState(step=P(), params=P(), batch_stats=P(), module_stats=P(), spectral=P(), opt_state=P(),
+                        init_opt_state=P(), rng=P(), method_state=method_state)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -210,25 +330,88 @@ def _embedding_stats(emb_s, emb_t) -> dict:
             "emb_teacher_cos": off_diagonal_mean(t)}
 
 
-def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, student, teacher, embed_s,
-                 embed_t, tx, n_data: int):
-    """One distillation step on this device's shard (inside shard_map over `data`); see the module docstring."""
+def _apply_bn_module(module, params, stats, *args, train: bool):
+    """Applies a module with BatchNorm; returns (output, new statistics)."""
+    variables = {"params": params, "batch_stats": stats}
+    if train:
+        out, new = module.apply(variables, *args, True, mutable=["batch_stats"])
+        return out, new.get("batch_stats", stats)
+    return module.apply(variables, *args, False), stats
+
+
+def _dkd_weight(config, state, steps_per_epoch: int, first_main_step: int):
+    """mdistiller's warm-up min(epoch / warmup, 1), the 1-based main-stage epoch constant within an epoch; the warm-up
+    length scales with the run like the learning-rate decay epochs."""
+    scale = config.num_epochs / config.lr_schedule_epochs if config.lr_schedule_epochs else 1.0
+    epoch = (state.step - first_main_step) // steps_per_epoch + 1
+    return losses.dkd_warmup(epoch, config.dkd.warmup_epochs * scale)
+
+
+def _baseline_term(config, params, module_stats, modules, s_feats, t_feats, s_logits, t_logits, labels, dkd_weight):
+    """The main-stage term of a RepDistiller baseline or DKD: (term, {name: value}, new module statistics)."""
+    method, ax = config.method, AXIS
+    f32 = [f.astype(jnp.float32) for f in s_feats]
+    new_stats = dict(module_stats)
+    if method == "fitnet":
+        h = config.fitnet.hint_layer
+        reg, new_stats["conv_reg"] = _apply_bn_module(modules["conv_reg"][0], params["conv_reg"],
+                                                      module_stats["conv_reg"], s_feats[h], train=True)
+        term = losses.fitnet_loss(reg, t_feats[h], axis_name=ax)
+    elif method == "at":
+        term = losses.at_loss(f32[1:-1], t_feats[1:-1], axis_name=ax)
+    elif method == "sp":
+        term = losses.sp_loss(f32[-2], t_feats[-2], axis_name=ax)
+    elif method == "cc":
+        e_s = modules["embed_s"][0].apply({"params": params["embed_s"]}, f32[-1])
+        e_t = modules["embed_t"][0].apply({"params": params["embed_t"]}, t_feats[-1])
+        term = losses.cc_loss(e_s, e_t, axis_name=ax)
+    elif method == "vid":
+        mus, variances = modules["vid"][0].apply({"params": params["vid"]}, s_feats[1:-1])
+        term = losses.vid_loss(mus, variances, t_feats[1:-1], axis_name=ax)
+    elif method == "rkd":
+        term = losses.rkd_loss(f32[-1], t_feats[-1], config.rkd.distance_weight, config.rkd.angle_weight,
+                               axis_name=ax)
+    elif method == "pkt":
+        term = losses.pkt_loss(f32[-1], t_feats[-1], axis_name=ax)
+    elif method == "nst":
+        term = losses.nst_loss(f32[1:-1], t_feats[1:-1], axis_name=ax)
+    elif method == "ft":
+        factor_t = modules["paraphraser"][0].apply({"params": params["paraphraser"]}, t_feats[-2], is_factor=True)
+        factor_s, new_stats["translator"] = _apply_bn_module(modules["translator"][0], params["translator"],
+                                                             module_stats["translator"], s_feats[-2], train=True)
+        term = losses.ft_loss(factor_s, lax.stop_gradient(factor_t), axis_name=ax)
+    elif method == "dkd":
+        d = config.dkd
+        term = dkd_weight * losses.dkd_loss(s_logits, t_logits, labels, d.alpha, d.beta, d.temperature, axis_name=ax)
+    else:  # ab, fsp: the main stage has no term of their own (RepDistiller)
+        return jnp.zeros((), jnp.float32), {}, new_stats
+    return term, {method: term}, new_stats
+
+
+def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, student, teacher, modules,
+                 tx, steps_per_epoch: int, first_main_step: int = 0):
+    """One main-stage distillation step on this device's shard (inside shard_map over `data`); see the module
+    docstring. `modules` is `make_modules`' dict."""
     method = config.method
+    preact = method == "ab"
     x = batch["image"]
-    t_logits, t_feats = teacher.apply(teacher_vars, x, train=False)
+    t_logits, t_feats = teacher.apply(teacher_vars, x, train=False, preact=preact)
     t_logits = lax.stop_gradient(t_logits)
-    t_feat = lax.stop_gradient(t_feats[-1].astype(jnp.float32))
+    t_feats = [lax.stop_gradient(f.astype(jnp.float32)) for f in t_feats]
+    t_feat = t_feats[-1]
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
     contrast_idx = None
     if method in CRD_METHODS or (method in WCORD_METHODS and config.wcord.negatives == "memory"):
         contrast_idx = _contrast_idx(key, batch, class_index, config)
+    embed_s, embed_t = (modules["embed_s"][0], modules["embed_t"][0]) if uses_heads(method) else (None, None)
+    dkd_weight = _dkd_weight(config, state, steps_per_epoch, first_main_step) if method == "dkd" else None
 
     def loss_fn(params):
         (s_logits, s_feats), new_vars = student.apply({"params": params["student"], "batch_stats": state.batch_stats},
-                                                      x, train=True, mutable=["batch_stats"])
+                                                      x, train=True, preact=preact, mutable=["batch_stats"])
         terms = {"ce": lax.pmean(feeds.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
                  "kd": losses.kd_loss(s_logits, t_logits, config.kd_temperature, axis_name=AXIS)}
-        method_state, spectral, extra = state.method_state, state.spectral, {}
+        method_state, spectral, module_stats, extra = state.method_state, state.spectral, state.module_stats, {}
         term = jnp.zeros((), jnp.float32)
         if uses_heads(method):
             s_feat = s_feats[-1].astype(jnp.float32)
@@ -266,45 +449,122 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
                 gp = _gradient_penalty(embed_s, embed_t, params, s_feat, t_feat, w.tau)
                 terms["wcord_gp"] = gp
                 term = term + w.gp_weight * gp
+        elif method not in ("none", "kd"):
+            term, named, module_stats = _baseline_term(config, params, state.module_stats, modules, s_feats, t_feats,
+                                                       s_logits, t_logits, batch["label"], dkd_weight)
+            terms.update(named)
         total = config.gamma * terms["ce"] + config.alpha * terms["kd"] + config.beta * term
-        return total, (terms, extra, new_vars["batch_stats"], method_state, spectral, s_logits)
+        return total, (terms, extra, new_vars["batch_stats"], method_state, spectral, module_stats, s_logits)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    terms, extra, batch_stats, method_state, spectral, s_logits = aux
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    if config.heads_lr_scale != 1.0:
-        updates = {k: jax.tree.map(lambda u: u * config.heads_lr_scale, v) if k.startswith("embed") else v
-                   for k, v in updates.items()}
-    params = optax.apply_updates(state.params, updates)
+    terms, extra, batch_stats, method_state, spectral, module_stats, s_logits = aux
+    params, opt_state = _update(tx, grads, state.opt_state, state.params, trainable_mask(state.params, "main", method),
+                                config.heads_lr_scale)
     top1 = lax.pmean(jnp.mean((jnp.argmax(s_logits, -1) == batch["label"]).astype(jnp.float32)), AXIS)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, spectral=spectral,
-                              opt_state=opt_state, method_state=method_state)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, module_stats=module_stats,
+                              spectral=spectral, opt_state=opt_state, method_state=method_state)
     return new_state, {"loss": loss, "top1": top1, **terms, **extra}
+
+
+def _update(tx, grads, opt_state, params, mask, heads_lr_scale: float = 1.0):
+    """The optimizer step over the trainable parameters only (`optax.masked` passes the others' gradients through:
+    they are dropped here, so frozen parameters stay bit-identical)."""
+    updates, opt_state = tx.update(grads, opt_state, params)
+    updates = jax.tree.map(lambda u, m: u if m else jnp.zeros_like(u), updates, mask)
+    if heads_lr_scale != 1.0:
+        updates = {k: jax.tree.map(lambda u: u * heads_lr_scale, v) if k.startswith("embed") else v
+                   for k, v in updates.items()}
+    return optax.apply_updates(params, updates), opt_state
+
+
+def init_stage_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, student, teacher,
+                    modules, init_tx):
+    """One step of RepDistiller's init stage (helper/pretrain.py) for AB, FSP or FT, on this device's shard.
+
+    AB: the student's feature layers and the connector are trained on the AB loss between the connector's output on
+    the student's pre-activation maps and the teacher's. FSP: the student's feature layers on the FSP loss. FT: the
+    paraphraser on reconstructing the teacher's `features[-2]` (mean squared error); the student is only evaluated.
+    The loss is the term alone (no gamma / alpha / beta); the student's classifier is not trained.
+    """
+    del class_index
+    method = config.method
+    preact = method == "ab"
+    x = batch["image"]
+    _, t_feats = teacher.apply(teacher_vars, x, train=False, preact=preact)
+    t_feats = [lax.stop_gradient(f.astype(jnp.float32)) for f in t_feats]
+
+    def loss_fn(params):
+        module_stats = state.module_stats
+        if method == "ft":
+            s_logits = student.apply({"params": params["student"], "batch_stats": state.batch_stats}, x,
+                                     train=False)[0]
+            batch_stats = state.batch_stats
+            _, rec = modules["paraphraser"][0].apply({"params": params["paraphraser"]}, t_feats[-2])
+            term = lax.pmean(jnp.mean((rec.astype(jnp.float32) - t_feats[-2]) ** 2), AXIS)
+        else:
+            (s_logits, s_feats), new_vars = student.apply(
+                {"params": params["student"], "batch_stats": state.batch_stats}, x, train=True, preact=preact,
+                mutable=["batch_stats"])
+            batch_stats = new_vars["batch_stats"]
+            if method == "ab":
+                g_s, stats = _apply_bn_module(modules["connector"][0], params["connector"],
+                                              module_stats.get("connector", {}), s_feats[1:-1], train=True)
+                if stats:  # (a connector of identities only has no BatchNorm)
+                    module_stats = {**module_stats, "connector": stats}
+                term = losses.ab_loss(g_s, t_feats[1:-1], axis_name=AXIS)
+            else:
+                term = losses.fsp_loss([f.astype(jnp.float32) for f in s_feats[:-1]], t_feats[:-1], axis_name=AXIS)
+        return term, (batch_stats, module_stats, s_logits)
+
+    (loss, (batch_stats, module_stats, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    params, init_opt_state = _update(init_tx, grads, state.init_opt_state, state.params,
+                                     trainable_mask(state.params, "init", method))
+    top1 = lax.pmean(jnp.mean((jnp.argmax(s_logits, -1) == batch["label"]).astype(jnp.float32)), AXIS)
+    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, module_stats=module_stats,
+                              init_opt_state=init_opt_state)
+    return new_state, {"loss": loss, "top1": top1, f"init_{method}": loss}
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 
 
-def _feature_dim(module, image_shape) -> int:
-    shapes = jax.eval_shape(lambda: module.init_with_output(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)),
-                                                           train=False)[0])
-    return int(np.prod(shapes[1][-1].shape[1:]))
+@dataclasses.dataclass
+class Engine:
+    """The pieces of a distillation run, built once by `build_engine`.
+
+    `main_step` / `init_step` are the per-device step functions for `feed.make_runner(..., num_extra=2,
+    state_spec=spec)`, called as `runner(state, teacher_vars, class_index, *feed_args)`; `init_step` is None
+    without an init stage. `teacher_vars` and `class_index` are unreplicated.
+    """
+
+    student: Any
+    teacher: Any
+    teacher_vars: Any
+    modules: dict
+    state: DistillState
+    spec: Any
+    main_step: Any
+    init_step: Any
+    class_index: Any
+    init_epochs: int
 
 
-def distill_and_evaluate(config, workdir: str) -> dict:
-    """Distils `config.teacher` into `config.model` with `config.method`; returns the student's final eval metrics."""
-    mesh, dtype, dataset, feed = train.setup_run(config, validate)
-    if not dataset.in_memory and (config.method in CRD_METHODS or config.wcord.negatives == "memory"):
-        raise ConfigError("CRD's memory bank needs the labels of the whole training set: use an in-memory data set")
-    teacher, teacher_vars = load_teacher(config, dataset.num_classes, dataset.image_shape, dtype)
+def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None) -> Engine:
+    """Teacher (restored from `config.teacher.checkpoint` unless `teacher_vars` is given), student, the method's
+    modules, the initial state, the optimizers and the step functions, with the configuration checks that need the
+    networks' shapes."""
+    if teacher_vars is None:
+        teacher, teacher_vars = load_teacher(config, dataset.num_classes, dataset.image_shape, dtype)
+    else:
+        teacher = models.get_model(config.teacher.model, dataset.num_classes, dtype=dtype)
     student = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
-    embed_s, embed_t = _heads(config)
-    tx = train.make_optimizer(config, feed.steps_per_epoch)
-    key = jax.random.PRNGKey(config.seed)
-    state = create_state(config, key, student, embed_s, embed_t, tx, dataset.image_shape,
-                         _feature_dim(student, dataset.image_shape), _feature_dim(teacher, dataset.image_shape),
-                         dataset.num_train)
+    preact = config.method == "ab"
+    modules = make_modules(config, feature_shapes(student, dataset.image_shape, preact),
+                           feature_shapes(teacher, dataset.image_shape, preact))
+    n_init = init_epochs(config)
+    state, tx, init_tx = create_state(config, jax.random.PRNGKey(config.seed), student, modules, dataset.image_shape,
+                                      dataset.num_train, steps_per_epoch)
     class_index = {}
     if dataset.in_memory:
         class_index = losses.build_class_index(dataset.train.labels, dataset.num_classes)
@@ -312,16 +572,42 @@ def distill_and_evaluate(config, workdir: str) -> dict:
                 and config.crd.nce_k > class_index.min_others):
             raise ConfigError(f"crd.nce_k={config.crd.nce_k} exceeds the {class_index.min_others} examples of the "
                               "other classes: lower it or set crd.sample_with_replacement=True")
-    spec = state_spec(config)
-    step_fn = functools.partial(distill_step, config=config, student=student, teacher=teacher, embed_s=embed_s,
-                                embed_t=embed_t, tx=tx, n_data=dataset.num_train)
-    runner = feed.make_runner(step_fn, dtype, num_extra=2, state_spec=spec)
-    teacher_vars = parallel.replicate(teacher_vars, mesh)
-    class_index = parallel.replicate(class_index, mesh)
+    main_step = functools.partial(distill_step, config=config, student=student, teacher=teacher, modules=modules,
+                                  tx=tx, steps_per_epoch=steps_per_epoch, first_main_step=n_init * steps_per_epoch)
+    init_step = None
+    if n_init:
+        init_step = functools.partial(init_stage_step, config=config, student=student, teacher=teacher,
+                                      modules=modules, init_tx=init_tx)
+    return Engine(student=student, teacher=teacher, teacher_vars=teacher_vars, modules=modules, state=state,
+                  spec=state_spec(config), main_step=main_step, init_step=init_step, class_index=class_index,
+                  init_epochs=n_init)
 
-    def run_steps(st, *args):
-        return runner(st, teacher_vars, class_index, *args)
 
+def distill_and_evaluate(config, workdir: str) -> dict:
+    """Distils `config.teacher` into `config.model` with `config.method`; returns the student's final eval metrics."""
+    mesh, dtype, dataset, feed = train.setup_run(config, validate)
+    if not dataset.in_memory and (config.method in CRD_METHODS or
+                                  (config.method in WCORD_METHODS and config.wcord.negatives == "memory")):
+        raise ConfigError("CRD's memory bank needs the labels of the whole training set: use an in-memory data set")
+    spe = feed.steps_per_epoch
+    eng = build_engine(config, dataset, spe, dtype)
+    n_init = eng.init_epochs
+    main_runner = feed.make_runner(eng.main_step, dtype, num_extra=2, state_spec=eng.spec)
+    init_runner = feed.make_runner(eng.init_step, dtype, num_extra=2, state_spec=eng.spec) if n_init else None
+    teacher_vars = parallel.replicate(eng.teacher_vars, mesh)
+    class_index = parallel.replicate(eng.class_index, mesh)
+
+    def runner_for_epoch(epoch: int):
+        runner = init_runner if epoch < n_init else main_runner
+        return lambda st, *args: runner(st, teacher_vars, class_index, *args)
+
+    main_schedule = train.learning_rate_schedule(config, spe)
+    init_lr = init_learning_rate(config) if n_init else 0.0
+
+    def schedule(step):
+        return init_lr if step < n_init * spe else main_schedule(step - n_init * spe)
+
+    student, teacher = eng.student, eng.teacher
     evaluate = feed.make_evaluator(lambda v, x: student.apply(v, x, train=False)[0], dtype)
     evaluate_teacher = feed.make_evaluator(lambda v, x: teacher.apply(v, x, train=False)[0], dtype)
 
@@ -331,9 +617,10 @@ def distill_and_evaluate(config, workdir: str) -> dict:
                  result["teacher/top5"])
         return result
 
+    stages = f" ({n_init} init-stage epochs first)" if n_init else ""
     return train.run_training(
-        config, workdir, mesh, feed, state, run_steps,
-        lambda st: evaluate({"params": st.params["student"], "batch_stats": st.batch_stats}),
-        train.learning_rate_schedule(config, feed.steps_per_epoch),
-        describe=f"{config.method}: {config.teacher.model} -> {config.model} on {dataset.name}",
-        state_spec=spec, before_training=teacher_metrics)
+        config, workdir, mesh, feed, eng.state, None,
+        lambda st: evaluate({"params": st.params["student"], "batch_stats": st.batch_stats}), schedule,
+        describe=f"{config.method}: {config.teacher.model} -> {config.model} on {dataset.name}{stages}",
+        state_spec=eng.spec, before_training=teacher_metrics, runner_for_epoch=runner_for_epoch,
+        extra_epochs=n_init)

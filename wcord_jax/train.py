@@ -220,16 +220,19 @@ def train_and_evaluate(config, workdir: str) -> dict:
 
 
 def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, schedule, describe: str,
-                 state_spec=P(), before_training: Optional[Callable[[], dict]] = None) -> dict:
+                 state_spec=P(), before_training: Optional[Callable[[], dict]] = None,
+                 runner_for_epoch: Optional[Callable[[int], Callable]] = None, extra_epochs: int = 0) -> dict:
     """The epoch loop shared by every kind of run: resume, train, evaluate, checkpoint, log.
 
     `state` is a freshly initialised train state (a pytree with `step` and `rng`), placed on the mesh with
-    `state_spec`; `run_steps(state, *args)` is a compiled dispatch from `feed.make_runner`; `evaluate(state)` returns
-    the eval metrics. `before_training()`, if given, returns metrics logged at step 0 of a fresh run (the teacher's
-    accuracy, say).
+    `state_spec`; `run_steps(state, *args)` is a compiled dispatch from `feed.make_runner`, or, for runs made of
+    stages, `runner_for_epoch(epoch)` returns the dispatch of that (0-based) epoch; `evaluate(state)` returns the eval
+    metrics; `schedule(step)` the learning rate (for the logs). `extra_epochs` run before `config.num_epochs` (an init
+    stage). `before_training()`, if given, returns metrics logged at step 0 of a fresh run (the teacher's accuracy).
     """
     steps_per_epoch = feed.steps_per_epoch
-    total_steps = steps_per_epoch * config.num_epochs
+    num_epochs = config.num_epochs + extra_epochs
+    total_steps = steps_per_epoch * num_epochs
     is_main = jax.process_index() == 0
     os.makedirs(workdir, exist_ok=True)
     _check_resume_matches(workdir, config)
@@ -246,7 +249,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
         _write_config(workdir, config)
         log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,
                  feed.dataset.num_train, feed.dataset.num_test, mesh.devices.size, jax.devices()[0].platform,
-                 steps_per_epoch, config.num_epochs)
+                 steps_per_epoch, num_epochs)
         log.info("learning rate %g, times %g after epochs %s", config.learning_rate, config.lr_decay_rate,
                  ", ".join(f"{e:g}" for e in decay_epochs(config)))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
@@ -258,14 +261,15 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
             step = int(state.step)
             while step < total_steps:
                 epoch = step // steps_per_epoch
-                state, step = _train_epoch(config, feed, state, step, epoch, run_steps, schedule, writer, ckpt,
-                                           stop, best_top1)
+                runner = runner_for_epoch(epoch) if runner_for_epoch is not None else run_steps
+                state, step = _train_epoch(config, feed, state, step, epoch, num_epochs, runner, schedule, writer,
+                                           ckpt, stop, best_top1)
                 result = evaluate(state)
                 writer.write(step, {"epoch": epoch + 1, **result})
                 is_best = result["eval/top1"] > best_top1
                 best_top1 = max(best_top1, result["eval/top1"])
                 if is_main:
-                    log.info("epoch %d/%d: eval top1 %.4f top5 %.4f loss %.4f", epoch + 1, config.num_epochs,
+                    log.info("epoch %d/%d: eval top1 %.4f top5 %.4f loss %.4f", epoch + 1, num_epochs,
                              result["eval/top1"], result["eval/top5"], result["eval/loss"])
                 ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1), best=is_best)
             if not result:  # resumed a finished run: report its final evaluation again
@@ -283,11 +287,11 @@ def _meta(config, epoch: int, result: dict, best_top1: float) -> dict:
     return meta
 
 
-def _train_epoch(config, feed, state, step, epoch, run_steps, schedule, writer, ckpt, stop, best_top1):
+def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedule, writer, ckpt, stop, best_top1):
     """Runs the rest of one epoch from `step`; logs, checkpoints on request, and returns (state, step)."""
     steps_per_epoch = feed.steps_per_epoch
     start = step - epoch * steps_per_epoch
-    progress = metrics_lib.Progress(steps_per_epoch, epoch, config.num_epochs, initial=start,
+    progress = metrics_lib.Progress(steps_per_epoch, epoch, num_epochs, initial=start,
                                     enabled=jax.process_index() == 0,
                                     use_bar=None if config.progress_bar else False)
     window, window_start, window_steps = [], time.perf_counter(), 0

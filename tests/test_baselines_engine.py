@@ -1,0 +1,143 @@
+"""RepDistiller's baselines and DKD through the engine: 1 and 2 devices agree, the init stages train what they should
+and hand over to the main stage, and every method runs from the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from wcord_jax import configs, data, distill, feeds, parallel, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd")
+SMALL = dict(num_train=64, num_test=32, image_size=16, num_classes=4)
+# A teacher with 4x the student's channels, so the regressors and connectors are real layers; FSP needs equal
+# channel counts and gets a teacher of the student's architecture.
+TEACHER = {"fsp": "resnet8"}
+
+
+def _small(config, **overrides):
+    for k, v in SMALL.items():
+        config.dataset[k] = v
+    config.dataset.name = "synthetic"
+    config.batch_size = config.eval_batch_size = 16
+    config.num_epochs = 1
+    config.log_every_steps = 1
+    config.progress_bar = False
+    for k, v in overrides.items():
+        config[k] = v
+    return config
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    dirs = {}
+    for model in ("resnet8", "resnet8x4"):
+        dirs[model] = str(tmp_path_factory.mktemp(model))
+        train.train_and_evaluate(_small(configs.teacher_config(model), num_devices=1), dirs[model])
+    return dirs
+
+
+def _config(method, teachers, **overrides):
+    teacher = TEACHER.get(method, "resnet8x4")
+    config = _small(configs.distill_config(method, teacher, "resnet8"), **overrides)
+    config.teacher.checkpoint = teachers[teacher]
+    if method in configs.STAGED_METHODS:
+        config.init_epochs = 1
+    return config
+
+
+def _first_steps(config, num_steps: int = 2):
+    """The run's first steps on one device, driven by hand with the run's own data order: the init stage's for
+    staged methods, followed by one main-stage step. Returns (metrics per step, states: before and after each)."""
+    mesh = parallel.make_mesh(1)
+    ds = data.load(config.dataset, config.seed)
+    feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
+    eng = distill.build_engine(config, ds, feed.steps_per_epoch, jnp.float32)
+    extra = (parallel.replicate(eng.teacher_vars, mesh), parallel.replicate(eng.class_index, mesh))
+    state = parallel.place(jax.tree.map(jnp.copy, eng.state), mesh, eng.spec)
+    order = feeds.epoch_order(jax.random.PRNGKey(config.seed), 0, SMALL["num_train"], feed.steps_per_epoch,
+                              config.batch_size)
+    main = feed.make_runner(eng.main_step, jnp.float32, num_extra=2, state_spec=eng.spec)
+    runners = [main] * num_steps
+    if eng.init_step is not None:
+        runners = [feed.make_runner(eng.init_step, jnp.float32, num_extra=2, state_spec=eng.spec)] * num_steps + [main]
+    metrics, states = [], [jax.device_get(state)]
+    for i, runner in enumerate(runners):
+        idx = parallel.shard_batch(order[i:i + 1], mesh, P(None, "data"))
+        state, m = runner(state, *extra, feed.images, feed.labels, idx)
+        metrics.append({k: float(v[0]) for k, v in jax.device_get(m).items()})
+        states.append(jax.device_get(state))
+    return metrics, states
+
+
+def _tree_equal(a, b) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _cli(method, teachers, workdir, *args):
+    teacher = TEACHER.get(method, "resnet8x4")
+    cmd = [sys.executable, "-m", "wcord_jax.main", "--config", f"configs/distill.py:{method},{teacher},resnet8",
+           "--workdir", str(workdir), f"--config.teacher.checkpoint={teachers[teacher]}",
+           "--config.dataset.name=synthetic", "--config.num_epochs=1", "--config.batch_size=16",
+           "--config.eval_batch_size=16", "--config.log_every_steps=1", "--config.progress_bar=False",
+           *[f"--config.dataset.{k}={v}" for k, v in SMALL.items()], *args]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=600)
+
+
+@pytest.mark.parametrize("method", BASELINES)
+def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, method):
+    """The CLI run on 2 devices logs, step by step, the same losses as the same steps taken by hand on 1 device; an
+    init stage (AB, FT, FSP) fills epoch 1 and hands over to the main stage in epoch 2."""
+    staged = method in configs.STAGED_METHODS
+    out = _cli(method, teachers, tmp_path, "--config.num_devices=2", *(["--config.init_epochs=1"] if staged else []))
+    assert out.returncode == 0, out.stderr[-3000:]
+    with open(tmp_path / "metrics.jsonl") as f:
+        events = [json.loads(line) for line in f]
+    train_events = [e for e in events if "train/loss" in e]
+    assert len([e for e in events if "eval/top1" in e]) == (2 if staged else 1)
+    assert all(np.isfinite(e["train/loss"]) for e in train_events)
+    term = f"init_{method}" if staged else method
+    if staged:  # epoch 1 is the init stage, epoch 2 the main stage
+        assert all(f"train/{term}" in e for e in train_events if e["epoch"] == 1)
+        main = [e for e in train_events if e["epoch"] == 2]
+        assert main and all("train/ce" in e and f"train/{term}" not in e for e in main)
+    else:
+        assert all(f"train/{term}" in e for e in train_events)
+
+    config = _config(method, teachers)
+    metrics, states = _first_steps(config)
+    for step in (1, 2):
+        logged = next(e for e in train_events if e["step"] == step)
+        for key in ("loss", "top1", term):
+            np.testing.assert_allclose(logged[f"train/{key}"], metrics[step - 1][key], rtol=2e-4, atol=1e-5,
+                                       err_msg=f"step {step} {key}")
+    if staged:
+        before, after_init, after_main = states[0].params, states[2].params, states[3].params
+        head = distill._classifier_name(before["student"])
+        # The init stage leaves the classifier alone (FT: the whole student) and trains its own part ...
+        assert _tree_equal(before["student"][head], after_init["student"][head])
+        trained = {"ab": "connector", "fsp": "student", "ft": "paraphraser"}[method]
+        assert not _tree_equal(before[trained], after_init[trained])
+        if method == "ft":
+            assert _tree_equal(before["student"], after_init["student"])
+        # ... and the main stage trains the student, with the connector / paraphraser frozen.
+        assert not _tree_equal(after_init["student"][head], after_main["student"][head])
+        for frozen in distill.FROZEN_IN_MAIN:
+            if frozen in after_main:
+                assert _tree_equal(after_init[frozen], after_main[frozen])
+        if method == "ab":
+            assert metrics[2]["loss"] == pytest.approx(metrics[2]["ce"], rel=1e-6)  # main stage: CE only
+
+
+def test_fsp_needs_equal_channels(teachers, tmp_path):
+    config = _config("fsp", teachers)
+    config.teacher.model, config.teacher.checkpoint = "resnet8x4", teachers["resnet8x4"]
+    with pytest.raises(train.ConfigError, match="fsp cannot pair resnet8x4 with resnet8"):
+        distill.distill_and_evaluate(config, str(tmp_path))
