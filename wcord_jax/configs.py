@@ -21,6 +21,8 @@ def dataset_config() -> ml_collections.ConfigDict:
     # Size of the synthetic set, or a cap on the examples taken from a real one (None: all).
     d.num_train = ml_collections.FieldReference(None, field_type=int)
     d.num_test = ml_collections.FieldReference(None, field_type=int)
+    # Keep only these class ids, relabelled 0..n-1 in this order (None: all), e.g. --config.dataset.classes=0,1,2,3,4.
+    d.classes = ml_collections.FieldReference(None, field_type=tuple)
     # Shape of the synthetic source only.
     d.image_size = 32
     d.num_channels = 3
@@ -126,7 +128,8 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.wcord.lipschitz = "spectral"  # spectral | gradient_penalty | none
     c.wcord.power_iterations = 1  # spectral-norm power-iteration steps per train step
     c.wcord.gp_weight = 1.0  # weight of the gradient penalty (lipschitz=gradient_penalty)
-    c.wcord.lambda_local = 1.0  # method term = global + lambda_local * local
+    c.wcord.lambda_global = 1.0  # method term = lambda_global * global + lambda_local * local
+    c.wcord.lambda_local = 1.0
     c.wcord.epsilon = 0.05  # entropic regularisation of the local OT (absolute)
     c.wcord.sinkhorn_iterations = 100
     c.wcord.sinkhorn_threshold = 1e-3

@@ -7,9 +7,9 @@ the state updates (CRD memories, WCoRD queues, spectral-norm vectors, the module
 is the global-batch loss, identical on every device, so 1 and D devices take the same step.
 
 Total loss, as RepDistiller: gamma * CE + alpha * KD + beta * method, where method is the method's own term (CRD's
-NCE loss, WCoRD's global + lambda_local * local, a baseline's loss). AB, FT and FSP first run RepDistiller's init
-stage (`init_epochs`, its own optimizer over its own parameters, see `INIT_STAGE`); their main stage then trains with
-CE (+ KD) only (AB, FSP) or with the FT term through the frozen paraphraser.
+NCE loss, WCoRD's lambda_global * global + lambda_local * local, a baseline's loss). AB, FT and FSP first run
+RepDistiller's init stage (`init_epochs`, its own optimizer over its own parameters, see `INIT_STAGE`); their main
+stage then trains with CE (+ KD) only (AB, FSP) or with the FT term through the frozen paraphraser.
 """
 from __future__ import annotations
 
@@ -442,7 +442,7 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
             if per_device:
                 local = lax.pmean(local, AXIS)
                 aux = {k: lax.pmean(jnp.asarray(v, jnp.float32), AXIS) for k, v in aux.items()}
-            term = glob + w.lambda_local * local
+            term = w.lambda_global * glob + w.lambda_local * local
             terms.update({"wcord_global": glob, "wcord_local": local})
             extra["sinkhorn_converged"] = jnp.asarray(aux["converged"], jnp.float32)
             if w.lipschitz == "gradient_penalty":
