@@ -141,3 +141,24 @@ def test_fsp_needs_equal_channels(teachers, tmp_path):
     config.teacher.model, config.teacher.checkpoint = "resnet8x4", teachers["resnet8x4"]
     with pytest.raises(train.ConfigError, match="fsp cannot pair resnet8x4 with resnet8"):
         distill.distill_and_evaluate(config, str(tmp_path))
+
+
+def test_an_init_stage_run_resumes_across_the_stage_boundary(teachers, tmp_path):
+    """An AB run stopped inside its init stage resumes and ends with the same weights as an uninterrupted run."""
+    import shutil
+
+    from wcord_jax import checkpoint
+
+    config = _config("ab", teachers, checkpoint_every_steps=2, keep_checkpoints=10)
+    straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
+    distill.distill_and_evaluate(config, straight)
+    distill.distill_and_evaluate(config, resumed)
+    last = os.path.join(resumed, "checkpoints", "last")
+    for name in os.listdir(last):  # keep only step 2 of the init stage's 4 steps
+        if name.isdigit() and int(name) > 2:
+            shutil.rmtree(os.path.join(last, name))
+    distill.distill_and_evaluate(config, resumed)
+    a, b = checkpoint.load_variables(straight), checkpoint.load_variables(resumed)
+    assert set(a["params"]) == {"student", "connector"}
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
