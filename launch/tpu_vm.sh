@@ -38,6 +38,8 @@ options (defaults in brackets):
   --dataset NAME          --config.dataset.name [${DATASET}]
   --data-dir DIR          --config.dataset.data_dir, e.g. gs://BUCKET/tensorflow_datasets
   --teacher DIR           --config.teacher.checkpoint: the teacher run's workdir (distillation configs)
+  --single-process        start each worker's run on its own (default: WCORD_DISTRIBUTED=1, one run across all
+                          workers of the slice, jax.distributed.initialize)
   --dry-run               print the commands (prefixed with '+ ') instead of running them
   -h, --help              this message
 EOF
@@ -66,6 +68,7 @@ DATASET=imagenet2012
 DATA_DIR=""
 TEACHER=""
 DRY_RUN=0
+DISTRIBUTED="WCORD_DISTRIBUTED=1 "
 EXTRA=()
 REMOTE_DIR=wcord_jax      # the checkout on each worker, relative to the home directory
 REMOTE_VENV=wcord_venv    # the workers' virtual environment, relative to the home directory
@@ -83,6 +86,7 @@ while [ $# -gt 0 ]; do
   case "$opt" in
     --) shift; EXTRA=("$@"); break ;;
     --dry-run) DRY_RUN=1; shift; continue ;;
+    --single-process) DISTRIBUTED=""; shift; continue ;;
     --spot) SPOT=1; shift; continue ;;
     -h|--help) usage; exit 0 ;;
     --*=*) value="${opt#*=}"; opt="${opt%%=*}"; shift ;;
@@ -209,7 +213,7 @@ do_run() {
 if [ -f $pidfile ] && kill -0 \"\$(cat $pidfile)\" 2>/dev/null; then \
 echo \"\$(hostname): a run is still going (pid \$(cat $pidfile)); stop it first\" >&2; exit 1; fi; \
 log=logs/run-\$(date +%Y%m%d-%H%M%S).log; ln -sfn \"\${log#logs/}\" logs/latest.log; \
-nohup \$HOME/$REMOTE_VENV/bin/python -m wcord_jax.main $(quote_all "${args[@]}") > \"\$log\" 2>&1 < /dev/null & \
+${DISTRIBUTED}nohup \$HOME/$REMOTE_VENV/bin/python -m wcord_jax.main $(quote_all "${args[@]}") > \"\$log\" 2>&1 < /dev/null & \
 echo \$! > $pidfile; echo \"\$(hostname): started pid \$! (log ~/$REMOTE_DIR/\$log)\""
   if [ "$DRY_RUN" = 0 ]; then
     echo "follow it with: bash launch/tpu_vm.sh logs --name $NAME --zone $ZONE${PROJECT:+ --project $PROJECT}" >&2

@@ -26,7 +26,7 @@ def cli(*args, workdir, timeout=300):
     (["--config.model=resnet9"], "unknown model 'resnet9'; valid: "),
     (["--config.dataset.name=mnist"], "unknown data set 'mnist'; valid: cifar100, cifar10, imagenet2012"),
     (["--config.num_epochz=2"], "unknown config key 'num_epochz': config has batch_size,"),
-    (["--config.dataset.nam=x"], "unknown config key 'dataset.nam': dataset has data_dir, download,"),
+    (["--config.dataset.nam=x"], "unknown config key 'dataset.nam': dataset has classes, data_dir, download,"),
 ])
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     out = cli(*args, workdir=tmp_path / "w")

@@ -72,6 +72,7 @@ def test_all_dry_run_prints_create_install_and_run_without_calling_gcloud(tmp_pa
     assert any(c.startswith("gcloud compute tpus tpu-vm scp ") and "--worker=all" in c.split() for c in gcloud)
     assert cmds.index(create[0]) < cmds.index(install) < cmds.index(run)
     assert "nohup " in run and " > \"$log\" 2>&1" in run, run
+    assert "WCORD_DISTRIBUTED=1 nohup " in run, run  # one run across the slice's workers
     assert re.search(r"-m wcord_jax\.main --config configs/distill\.py:wcord,resnet34,resnet18 --workdir gs://b/r "
                      r"--config\.dataset\.name=imagenet2012", run), run
 
@@ -123,8 +124,8 @@ def test_run_starts_a_detached_run_with_a_log(tmp_path):
     (home / "wcord_venv" / "bin" / "python").symlink_to(sys.executable)
     workdir = tmp_path / "run"
     env = {"HOME": str(home), "JAX_PLATFORMS": "cpu"}
-    out, _ = tpu_vm("run", "--name", "t", "--zone", "z", "--config", "configs/teacher.py:resnet8", "--dataset",
-                    "synthetic", "--workdir", str(workdir), "--", "--config.num_epochs=1", *TINY,
+    out, _ = tpu_vm("run", "--single-process", "--name", "t", "--zone", "z", "--config", "configs/teacher.py:resnet8",
+                    "--dataset", "synthetic", "--workdir", str(workdir), "--", "--config.num_epochs=1", *TINY,
                     tmp_path=tmp_path, gcloud=LOCAL_GCLOUD, env=env)
     assert out.returncode == 0, out.stderr
     assert "started pid" in out.stdout and "on each worker's own disk" in out.stderr

@@ -3,6 +3,9 @@
 Each checkpoint holds the whole train state (parameters, batch statistics, optimizer state, PRNG key, step and any
 method state) and a small JSON record (epoch, accuracy, model name). A finished run's directory is what later runs
 load by path (`load_variables`).
+
+Workdirs may be local paths or `gs://` URIs (`metrics.workdir_path`). With several processes, every process makes the
+same calls (save, restore, close) and orbax writes and reads each process's own shards.
 """
 from __future__ import annotations
 
@@ -10,12 +13,19 @@ import os
 from typing import Any, Optional
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 
+from wcord_jax.metrics import PathLike, workdir_path
 
-def _manager(directory: str, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+def _manager(directory: PathLike, keep: int, async_save: bool, name: str) -> ocp.CheckpointManager:
+    # With several processes, orbax synchronises them with barriers named by the step: two managers saving the same
+    # step at once (last and best) need their own names.
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+        multiprocessing_options=ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=f"wcord_jax_{name}"))
+    return ocp.CheckpointManager(workdir_path(directory), options=options)
 
 
 def _abstract(tree: Any) -> Any:
@@ -25,10 +35,10 @@ def _abstract(tree: Any) -> Any:
 class Checkpointer:
     """Saves and restores a run's state: keeps the `keep` latest checkpoints and the single best one."""
 
-    def __init__(self, workdir: str, keep: int = 3, async_save: bool = True):
-        root = os.path.join(workdir, "checkpoints")
-        self.last = _manager(os.path.join(root, "last"), keep, async_save)
-        self.best = _manager(os.path.join(root, "best"), 1, async_save)
+    def __init__(self, workdir: PathLike, keep: int = 3, async_save: bool = True):
+        root = workdir_path(workdir) / "checkpoints"
+        self.last = _manager(root / "last", keep, async_save, "last")
+        self.best = _manager(root / "best", 1, async_save, "best")
 
     def latest_step(self) -> Optional[int]:
         return self.last.latest_step()
@@ -58,18 +68,25 @@ class Checkpointer:
         self.best.close()
 
 
-def checkpoint_dir(workdir_or_dir: str, which: str = "last") -> str:
+def checkpoint_dir(workdir_or_dir: PathLike, which: str = "last") -> str:
     """Accepts a run's workdir, its `checkpoints` folder or a manager folder, and returns the manager folder."""
-    path = os.path.abspath(workdir_or_dir)
-    for candidate in (os.path.join(path, "checkpoints", which), os.path.join(path, which), path):
-        if os.path.isdir(candidate) and any(name.isdigit() for name in os.listdir(candidate)):
-            return candidate
-    raise FileNotFoundError(f"no checkpoint found under {workdir_or_dir} (expected {path}/checkpoints/{which}/<step>)")
+    path = workdir_path(workdir_or_dir)
+    for candidate in (path / "checkpoints" / which, path / which, path):
+        if candidate.is_dir() and any(child.name.isdigit() for child in candidate.iterdir()):
+            return os.fspath(candidate)
+    raise FileNotFoundError(f"no checkpoint found under {os.fspath(workdir_or_dir)} "
+                            f"(expected {os.fspath(path)}/checkpoints/{which}/<step>)")
 
 
-def load_meta(workdir: str, which: str = "last") -> dict:
+def _reader(workdir: PathLike, which: str) -> ocp.CheckpointManager:
+    """A read-only manager of a finished run's checkpoints, knowing how its items were written."""
+    return ocp.CheckpointManager(checkpoint_dir(workdir, which), item_handlers={
+        "state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()})
+
+
+def load_meta(workdir: PathLike, which: str = "last") -> dict:
     """The JSON record of the latest checkpoint of a run."""
-    mgr = ocp.CheckpointManager(checkpoint_dir(workdir, which))
+    mgr = _reader(workdir, which)
     try:
         restored = mgr.restore(mgr.latest_step(), args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(restored["meta"])
@@ -77,13 +94,19 @@ def load_meta(workdir: str, which: str = "last") -> dict:
         mgr.close()
 
 
-def load_variables(workdir: str, which: str = "last") -> dict:
-    """`{'params', 'batch_stats'}` of the latest (or best) checkpoint of a finished run, as host arrays."""
-    mgr = ocp.CheckpointManager(checkpoint_dir(workdir, which))
+def load_state(workdir: PathLike, which: str = "last") -> dict:
+    """The whole train state of the latest (or best) checkpoint of a run as nested dicts and lists of host (numpy)
+    arrays, whatever devices (or processes) wrote it, so that a run on other devices can place them."""
+    mgr = _reader(workdir, which)
     try:
         step = mgr.latest_step()
-        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-        state = restored["state"]
-        return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+        target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), mgr.item_metadata(step)["state"])
+        return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     finally:
         mgr.close()
+
+
+def load_variables(workdir: PathLike, which: str = "last") -> dict:
+    """`{'params', 'batch_stats'}` of the latest (or best) checkpoint of a finished run, as host (numpy) arrays."""
+    state = load_state(workdir, which)
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}

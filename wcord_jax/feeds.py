@@ -74,7 +74,12 @@ def device_batch(state_rng, step, images, labels, idx, *, mean, std, dtype, augm
 
 
 class InMemoryFeed:
-    """The whole data set lives on every device; a dispatch runs `steps_per_dispatch` steps in a `lax.scan`."""
+    """The whole data set lives on every device; a dispatch runs `steps_per_dispatch` steps in a `lax.scan`.
+
+    With several processes every process loads the whole (small) data set, since each of its devices holds it, and
+    draws the same epoch order from the run's key; of each batch of indices it puts only its own devices' columns
+    on the mesh (`parallel.shard_batch`).
+    """
 
     def __init__(self, dataset: DataSet, mesh, batch_size: int, eval_batch_size: int, steps_per_dispatch: int = 1):
         self.dataset, self.mesh = dataset, mesh
@@ -162,7 +167,11 @@ def _averages(sums: np.ndarray, n: int) -> dict:
 
 
 class StreamFeed:
-    """Batches streamed from tf.data (ImageNet), one step per dispatch; each process reads its share."""
+    """Batches streamed from tf.data (ImageNet), one step per dispatch.
+
+    Each process reads its own share of the split (tf.data `shard(process_count, process_index)`) in batches of
+    batch_size / process_count, which `jax.make_array_from_process_local_data` joins into the global batch.
+    """
 
     def __init__(self, dataset: DataSet, mesh, batch_size: int, eval_batch_size: int, seed: int):
         from wcord_jax.data import imagenet
@@ -210,6 +219,11 @@ class StreamFeed:
 
         mapped = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
         local = self.eval_batch_size // jax.process_count()
+        # tf.data's shard gives each process ceil or floor of num_test / process_count examples.
+        per_process = -(-self.dataset.num_test // jax.process_count())
+        num_batches = -(-per_process // local)
+        empty = {"image": np.zeros((0, *self.dataset.image_shape), np.uint8), "label": np.zeros((0,), np.int32),
+                 "index": np.zeros((0,), np.int32)}
 
         def evaluate(variables):
             ds = self._imagenet.make_dataset(
@@ -217,8 +231,11 @@ class StreamFeed:
                 data_dir=self.dataset.data_dir, num=self.dataset.num_test, process_index=jax.process_index(),
                 process_count=jax.process_count())
             totals = np.zeros(3)
-            for batch in self._imagenet.iterate(ds):
-                batch = _pad(batch, local)
+            batches = self._imagenet.iterate(ds)
+            # Every process runs the same number of dispatches (each one is a collective): a process whose share of
+            # the split has run out feeds batches of padding, masked out.
+            for _ in range(num_batches):
+                batch = _pad(next(batches, empty), local)
                 totals += np.asarray(mapped(variables, self._global(batch)))
             return _averages(totals, self.dataset.num_test)
 

@@ -82,14 +82,23 @@ def main(argv: list[str]) -> None:
         _fail("--workdir is required: the directory for checkpoints and metrics")
     _setup_logging()
 
-    from wcord_jax import distill, train  # after flag parsing: importing JAX is slow
+    from wcord_jax import parallel  # after flag parsing: importing JAX is slow
+
+    try:  # a multi-process run (WCORD_DISTRIBUTED, WCORD_COORDINATOR): connect before anything touches a device
+        if parallel.initialize_distributed() and not parallel.is_main_process():
+            logging.getLogger("wcord_jax").setLevel(logging.WARNING)  # process 0 logs for the run
+    except ValueError as e:
+        _fail(f"multi-process setup: {e}")
+
+    from wcord_jax import distill, probe, train
     from wcord_jax.data import DataNotFoundError
 
     try:
         task = config.get("task", "teacher")
     except OSError as e:  # config_flags defers a missing or broken config file until first use
         _fail(f"cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")
-    runners = {"teacher": train.train_and_evaluate, "distill": distill.distill_and_evaluate}
+    runners = {"teacher": train.train_and_evaluate, "distill": distill.distill_and_evaluate,
+               "probe": probe.probe_and_evaluate}
     if task not in runners:
         _fail(f"unknown task {task!r}; valid: {', '.join(runners)}")
     try:

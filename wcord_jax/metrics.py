@@ -1,48 +1,129 @@
 """Where results go: `metrics.jsonl`, TensorBoard event files and the terminal.
 
-Only process 0 writes. TensorBoard files are written with the `tensorboard` package alone (no TensorFlow); without that
-package the JSON lines are still written.
+Only process 0 writes. Workdirs are local paths or URIs such as `gs://bucket/runs/x` (Cloud TPU): every file of a
+run goes through `etils.epath` (`workdir_path`), which reaches remote storage through `tf.io.gfile` or fsspec and
+local paths through `os`. TensorBoard files are written with the `tensorboard` package's record format alone (no
+TensorFlow); without that package the JSON lines are still written.
 """
 from __future__ import annotations
 
+import io
+import itertools
 import json
 import logging
 import os
+import socket
 import sys
 import time
-from typing import Any, Mapping, Optional
+from typing import Any, Mapping, Optional, Union
+
+from etils import epath
 
 log = logging.getLogger("wcord_jax")
+_EVENT_FILE_IDS = itertools.count()  # keeps event file names unique within a process (as tensorboard's own writer)
+PathLike = Union[str, os.PathLike]
 
 
-def _tensorboard_writer(workdir: str):
+def is_local(path: PathLike) -> bool:
+    """False for a URI (`gs://...`, `s3://...`), True for a path on this machine's file system."""
+    return "://" not in os.fspath(path)
+
+
+def workdir_path(path: PathLike) -> epath.Path:
+    """`path` as an `epath.Path`: a local path made absolute as `os.path.abspath` does, a URI left as it is."""
+    path = os.fspath(path)
+    return epath.Path(os.path.abspath(path) if is_local(path) else path)
+
+
+class _WholeObjectFile:
+    """A file on object storage (GCS has no append) written by rewriting the whole object at each flush: readers
+    never see a partial line, and `initial` (the object's earlier content) continues a resumed run's file."""
+
+    def __init__(self, path: epath.Path, initial: bytes = b""):
+        self._path, self._buffer = path, io.BytesIO()
+        self._buffer.write(initial)
+        self._dirty = True
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self._buffer.write(data)
+        self._dirty = True
+
+    def flush(self) -> None:
+        if self._dirty:
+            self._path.write_bytes(self._buffer.getvalue())
+            self._dirty = False
+
+    def close(self) -> None:
+        if not self.closed:
+            self.flush()
+            self.closed = True
+
+
+def _open_append(path: epath.Path):
+    """A binary file to append to: the file itself on a local disk, a `_WholeObjectFile` on object storage."""
+    if is_local(path):
+        return path.open("ab")
+    return _WholeObjectFile(path, path.read_bytes() if path.exists() else b"")
+
+
+def _open_new(path: epath.Path):
+    return path.open("wb") if is_local(path) else _WholeObjectFile(path)
+
+
+class _EventWriter:
+    """A TensorBoard event file (TFRecord-framed `Event` protos) in `directory`, written through epath; the same
+    file name and first record as tensorboard's own `EventFileWriter`, which would import TensorFlow when it is
+    installed."""
+
+    def __init__(self, directory: epath.Path, event_pb2, record_writer_cls):
+        self._event_pb2 = event_pb2
+        name = (f"events.out.tfevents.{int(time.time()):010d}.{socket.gethostname()}.{os.getpid()}."
+                f"{next(_EVENT_FILE_IDS)}")
+        self._writer = record_writer_cls(_open_new(directory / name))
+        self.add_event(event_pb2.Event(wall_time=time.time(), file_version="brain.Event:2",
+                                       source_metadata=event_pb2.SourceMetadata(writer="wcord_jax")))
+        self.flush()
+
+    def add_event(self, event) -> None:
+        self._writer.write(event.SerializeToString())
+
+    def flush(self) -> None:
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
+def _tensorboard_writer(directory: epath.Path):
     try:
         from tensorboard.compat.proto import event_pb2, summary_pb2
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError:
         log.warning("the tensorboard package is not installed: TensorBoard files are not written")
         return None
-    return EventFileWriter(workdir), event_pb2, summary_pb2
+    return _EventWriter(directory, event_pb2, RecordWriter), event_pb2, summary_pb2
 
 
 class MetricWriter:
     """Appends one JSON object per event to WORKDIR/metrics.jsonl and mirrors scalars to TensorBoard."""
 
-    def __init__(self, workdir: str, enabled: bool = True):
+    def __init__(self, workdir: PathLike, enabled: bool = True):
         self.enabled = enabled
         self._tb = None
         self._file = None
         if enabled:
-            os.makedirs(workdir, exist_ok=True)
-            self._file = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
-            self._tb = _tensorboard_writer(workdir)
+            directory = workdir_path(workdir)
+            directory.mkdir(parents=True, exist_ok=True)
+            self._file = _open_append(directory / "metrics.jsonl")
+            self._tb = _tensorboard_writer(directory)
 
     def write(self, step: int, values: Mapping[str, Any]) -> None:
         if not self.enabled:
             return
         record = {"step": int(step)}
         record.update({k: _plain(v) for k, v in values.items()})
-        self._file.write(json.dumps(record) + "\n")
+        self._file.write((json.dumps(record) + "\n").encode("utf-8"))
         self._file.flush()
         if self._tb is not None:
             writer, event_pb2, summary_pb2 = self._tb
@@ -68,11 +149,10 @@ def _plain(v):
     return v
 
 
-def read_metrics(workdir: str) -> list[dict]:
+def read_metrics(workdir: PathLike) -> list[dict]:
     """The events of a run, in the order they were written."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    text = (workdir_path(workdir) / "metrics.jsonl").read_text(encoding="utf-8")
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 class Progress:

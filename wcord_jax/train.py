@@ -12,7 +12,6 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import signal
 import time
 from typing import Any, Callable, Optional
@@ -175,16 +174,15 @@ class Interrupted(RuntimeError):
 
 
 def _write_config(workdir: str, config) -> None:
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-        f.write(config.to_json_best_effort(indent=2) + "\n")
+    (metrics_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
+                                                                     encoding="utf-8")
 
 
 def _check_resume_matches(workdir: str, config) -> None:
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
+    path = metrics_lib.workdir_path(workdir) / "config.json"
+    if not path.exists():
         return
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
+    old = json.loads(path.read_text(encoding="utf-8"))
     for key in ("model", "task", "method"):
         if key in old and old[key] != config.get(key):
             raise ConfigError(f"{workdir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}: "
@@ -193,7 +191,10 @@ def _check_resume_matches(workdir: str, config) -> None:
 
 def setup_run(config, validate: Callable) -> tuple:
     """The mesh, activation dtype, data set and feed of a run, after `validate(config, num_devices)`."""
-    mesh = parallel.make_mesh(config.get("num_devices") or None)
+    try:
+        mesh = parallel.make_mesh(config.get("num_devices") or None)
+    except ValueError as e:  # more devices than there are, or a subset in a multi-process run
+        raise ConfigError(f"num_devices={config.get('num_devices')}: {e}") from e
     validate(config, mesh.devices.size)
     dataset = data_lib.load(config.dataset, config.seed)
     feed = feeds.make_feed(dataset, mesh, config)
@@ -234,8 +235,9 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
     num_epochs = config.num_epochs + extra_epochs
     total_steps = steps_per_epoch * num_epochs
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    metrics_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     _check_resume_matches(workdir, config)
+    parallel.sync("wcord_jax:config_checked")  # every process read config.json before process 0 rewrites it
     # Copy first: leaves that share one buffer (equal constants) cannot both be donated to the step.
     state = parallel.place(jax.tree.map(jnp.copy, state), mesh, state_spec)
     ckpt = ckpt_lib.Checkpointer(workdir, config.keep_checkpoints)

@@ -14,7 +14,11 @@ import numpy as np
 from wcord_jax.data import sources
 from wcord_jax.data.sources import SOURCES, ArrayData, DataNotFoundError
 
-__all__ = ["DataSet", "DataNotFoundError", "SOURCES", "load", "ArrayData"]
+__all__ = ["DataSet", "DataNotFoundError", "DataConfigError", "SOURCES", "load", "ArrayData", "select_classes"]
+
+
+class DataConfigError(DataNotFoundError, ValueError):
+    """The `dataset` block asks for examples the data set does not have (e.g. a class id out of range)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,31 +52,60 @@ def _pad_to_32(data: ArrayData) -> ArrayData:
     return ArrayData(images, data.labels)
 
 
-def _fashion_mnist(cfg) -> tuple[ArrayData, ArrayData]:
+def select_classes(data: ArrayData, classes) -> ArrayData:
+    """The examples of `classes` only (in their original order), relabelled: classes[i] becomes label i."""
+    classes = np.asarray(classes, np.int64)
+    lut = np.full(max(int(classes.max()), int(data.labels.max(initial=0))) + 1, -1, np.int32)
+    lut[classes] = np.arange(len(classes), dtype=np.int32)
+    keep = np.isin(data.labels, classes)
+    return ArrayData(data.images[keep], lut[data.labels[keep]])
+
+
+def _check_classes(classes, num_classes: int, name: str) -> tuple[int, ...]:
+    classes = tuple(int(c) for c in classes)
+    if not classes or len(set(classes)) != len(classes) or not all(0 <= c < num_classes for c in classes):
+        raise DataConfigError(f"dataset.classes={classes} must be distinct class ids of {name}, which has classes "
+                              f"0..{num_classes - 1}")
+    return classes
+
+
+def _fashion_mnist(cfg, num_train, num_test) -> tuple[ArrayData, ArrayData]:
     explicit = cfg.get("data_dir")
     if explicit and sources.has_idx_files(explicit):
         directory = explicit
     elif sources.tfds_prepared("fashion_mnist", explicit):
-        return (sources.tfds_arrays("fashion_mnist", "train", explicit, False, cfg.get("num_train")),
-                sources.tfds_arrays("fashion_mnist", "test", explicit, False, cfg.get("num_test")))
+        return (sources.tfds_arrays("fashion_mnist", "train", explicit, False, num_train),
+                sources.tfds_arrays("fashion_mnist", "test", explicit, False, num_test))
     elif explicit is None and sources.has_idx_files(sources.FASHION_MNIST_IDX_DIR):
         directory = sources.FASHION_MNIST_IDX_DIR
     elif cfg.get("download", False):
-        return (sources.tfds_arrays("fashion_mnist", "train", explicit, True, cfg.get("num_train")),
-                sources.tfds_arrays("fashion_mnist", "test", explicit, True, cfg.get("num_test")))
+        return (sources.tfds_arrays("fashion_mnist", "train", explicit, True, num_train),
+                sources.tfds_arrays("fashion_mnist", "test", explicit, True, num_test))
     else:
         raise DataNotFoundError(sources.how_to_get("fashion_mnist", explicit))
-    train = sources.fashion_mnist_idx(directory, "train").take(cfg.get("num_train"))
-    test = sources.fashion_mnist_idx(directory, "test").take(cfg.get("num_test"))
+    train = sources.fashion_mnist_idx(directory, "train").take(num_train)
+    test = sources.fashion_mnist_idx(directory, "test").take(num_test)
     return train, test
 
 
 def load(cfg, seed: int = 0) -> DataSet:
-    """Reads the data set that `cfg` (the config's `dataset` block) names. Raises ValueError / DataNotFoundError."""
+    """Reads the data set that `cfg` (the config's `dataset` block) names. Raises ValueError / DataNotFoundError.
+
+    `cfg.classes` (a tuple of class ids, or None for all) keeps only those classes, relabelled 0..n-1 in the order
+    given; `num_train` / `num_test` then cap the kept examples (for `synthetic`, the set of `num_train` examples is
+    drawn first and then filtered).
+    """
     name = cfg.name
     if name not in SOURCES:
         raise ValueError(f"unknown data set {name!r}; valid: {', '.join(SOURCES)}")
     data_dir = cfg.get("data_dir")
+    classes = cfg.get("classes")
+    if classes is not None:
+        if name == "imagenet2012":
+            raise DataConfigError("dataset.classes is not supported for imagenet2012 (a streamed data set)")
+        classes = _check_classes(classes, cfg.num_classes if name == "synthetic" else sources.NUM_CLASSES[name], name)
+    # With a class subset the caps apply after filtering, so the whole split is read first.
+    num_train, num_test = (None, None) if classes is not None else (cfg.get("num_train"), cfg.get("num_test"))
     if name == "imagenet2012":
         from wcord_jax.data import imagenet
 
@@ -92,16 +125,20 @@ def load(cfg, seed: int = 0) -> DataSet:
         test = sources.synthetic(cfg.num_test or 256, *shape, seed=seed + 2, template_seed=seed)
         num_classes = cfg.num_classes
     elif name == "fashion_mnist":
-        train, test = _fashion_mnist(cfg)
+        train, test = _fashion_mnist(cfg, num_train, num_test)
         train, test = _pad_to_32(train), _pad_to_32(test)
         num_classes = sources.NUM_CLASSES[name]
     else:
         download = cfg.get("download", False)
         if not download and not sources.tfds_prepared(name, data_dir):
             raise DataNotFoundError(sources.how_to_get(name, data_dir))
-        train = sources.tfds_arrays(name, "train", data_dir, download, cfg.get("num_train"))
-        test = sources.tfds_arrays(name, "test", data_dir, download, cfg.get("num_test"))
+        train = sources.tfds_arrays(name, "train", data_dir, download, num_train)
+        test = sources.tfds_arrays(name, "test", data_dir, download, num_test)
         num_classes = sources.NUM_CLASSES[name]
+    if classes is not None:
+        train = select_classes(train, classes).take(cfg.get("num_train") if name != "synthetic" else None)
+        test = select_classes(test, classes).take(cfg.get("num_test") if name != "synthetic" else None)
+        num_classes = len(classes)
     shape = tuple(int(d) for d in train.images.shape[1:])
     mean, std = sources.normalization(name, shape[-1])
     return DataSet(name, num_classes, shape, len(train), len(test), mean, std, train, test, data_dir)
