@@ -160,7 +160,7 @@ def test_notebook_is_valid_and_generated_by_make_colab():
     assert out.returncode == 0, out.stderr
 
 
-TINY_PARAMETERS = f"""\
+TINY_PARAMETERS = """\
 EPOCHS = 1
 NUM_TRAIN = 128
 NUM_TEST = 32
