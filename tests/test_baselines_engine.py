@@ -87,8 +87,10 @@ def _cli(method, teachers, workdir, *args):
            "--config.dataset.name=synthetic", "--config.num_epochs=1", "--config.batch_size=16",
            "--config.eval_batch_size=16", "--config.log_every_steps=1", "--config.progress_bar=False",
            *[f"--config.dataset.{k}={v}" for k, v in SMALL.items()], *args]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                          timeout=600)
+    # Compiled without XLA's expensive CPU optimisations: these runs are about compiling, not speed.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2 "
+               "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 @pytest.mark.parametrize("method", BASELINES)

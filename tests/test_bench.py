@@ -1,0 +1,77 @@
+"""The throughput bench (`python -m wcord_jax.bench`): one JSON line with sane figures, shares where they apply, no
+TensorFlow, and a bad command is one `error:` line with exit status 2."""
+import json
+import os
+import subprocess
+import sys
+
+from wcord_jax import bench, configs
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--config.batch_size=8", "--config.dataset.image_size=16", "--config.dataset.num_train=256",
+        "--config.wcord.num_negatives=64", "--steps", "2", "--warmup", "1"]
+FIELDS = ("method", "teacher", "student", "img_per_s", "ms_per_step", "compile_s", "device_kind", "device_count",
+          "backend", "dtype", "batch_size", "steps", "peak_memory_bytes", "sinkhorn_share", "negatives_share")
+# The bench as `python -m wcord_jax.bench ARGS`, with TensorFlow made unimportable (as if not installed).
+NO_TF = ("import sys\n"
+         "for name in ('tensorflow', 'tensorflow_datasets'):\n"
+         "    sys.modules[name] = None\n"
+         "sys.argv = ['wcord_jax.bench'] + sys.argv[1:]\n"
+         "from wcord_jax import bench\n"
+         "bench.run()\n")
+
+
+def _run(*args, no_tensorflow=False):
+    cmd = [sys.executable, "-c", NO_TF, *args] if no_tensorflow else [sys.executable, "-m", "wcord_jax.bench", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=300)
+
+
+def _check_record(r, method, steps=2, batch=8):
+    for key in FIELDS:
+        assert key in r, key
+    assert (r["method"], r["teacher"], r["student"]) == (method, "resnet8", "resnet8")
+    assert r["img_per_s"] > 0 and r["ms_per_step"] > 0 and r["compile_s"] > 0
+    assert abs(r["img_per_s"] * r["ms_per_step"] / 1000.0 - batch) < 0.01 * batch
+    assert (r["steps"], r["batch_size"], r["dtype"], r["backend"]) == (steps, batch, "float32", "cpu")
+    assert r["device_count"] >= 1 and isinstance(r["device_kind"], str)
+    assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
+    assert r["final_loss"] is not None  # a finite loss: the step really ran
+    assert r["image_shape"] == [16, 16, 3] and r["num_classes"] == 100  # CIFAR-100 shapes unless overridden
+
+
+def test_wcord_bench_prints_one_json_line_with_both_shares_and_needs_no_tensorflow():
+    out = _run("--config", "configs/distill.py:wcord,resnet8,resnet8", *TINY, no_tensorflow=True)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = out.stdout.strip().splitlines()
+    assert len(lines) == 1, out.stdout
+    r = json.loads(lines[0])
+    _check_record(r, "wcord")
+    assert 0.0 <= r["sinkhorn_share"] <= 1.0 and 0.0 <= r["negatives_share"] <= 1.0
+    assert r["ms_per_step_no_local"] > 0 and r["ms_per_step_no_negatives"] > 0
+    assert "bench [no_local]" in out.stderr and "bench [no_negatives]" in out.stderr  # progress on stderr
+
+
+def test_student_alone_has_no_shares():
+    config = configs.distill_config("none", "resnet8", "resnet8")
+    config.batch_size, config.dataset.image_size, config.dataset.num_train = 8, 16, 256
+    r = bench.run_benchmark(config, steps=2, warmup=1, overridden={"dataset.image_size", "dataset.num_train"})
+    _check_record(json.loads(json.dumps(r)), "none")
+    assert r["sinkhorn_share"] is None and r["negatives_share"] is None
+
+
+def test_bench_forces_the_synthetic_set_with_cifar100_shapes():
+    config = configs.distill_config("crd", "resnet32x4", "resnet8x4")
+    config.dataset.name = "cifar100"
+    config.dataset.num_classes = 7
+    bench.apply_bench_defaults(config, {"dataset.name", "dataset.num_classes"})
+    d = config.dataset
+    assert (d.name, d.image_size, d.num_channels, d.num_classes, d.num_train) == ("synthetic", 32, 3, 7, 50000)
+
+
+def test_unknown_method_is_one_error_line_and_exit_2():
+    out = _run("--config", "configs/distill.py:foo,resnet8,resnet8")
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
+    assert lines[0].startswith("error: ") and "unknown method 'foo'" in lines[0], lines[0]
+    assert out.stdout == ""
