@@ -164,3 +164,23 @@ def test_an_init_stage_run_resumes_across_the_stage_boundary(teachers, tmp_path)
     assert set(a["params"]) == {"student", "connector"}
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("num_epochs, lr_schedule_epochs", [(240, 240), (4, 240), (30, 240), (4, 0)])
+def test_dkd_warmup_is_absolute(num_epochs, lr_schedule_epochs):
+    """DKD's warm-up lasts dkd.warmup_epochs main-stage epochs whatever the run's length (mdistiller), 1-based epochs
+    counted from the first main-stage step (after an init stage), constant within an epoch."""
+    from types import SimpleNamespace
+
+    config = configs.distill_config("dkd", "resnet8", "resnet8")
+    config.num_epochs, config.lr_schedule_epochs = num_epochs, lr_schedule_epochs
+    config.dkd.warmup_epochs = 20.0
+    steps_per_epoch, first_main_step = 10, 30
+    # (step, expected): epoch = (step - 30) // 10 + 1, weight = min(epoch / 20, 1)
+    for step, expected in ((30, 1 / 20), (39, 1 / 20), (40, 2 / 20), (75, 5 / 20), (219, 19 / 20), (220, 1.0),
+                           (5000, 1.0)):
+        got = distill._dkd_weight(config, SimpleNamespace(step=jnp.int32(step)), steps_per_epoch, first_main_step)
+        np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+    config.dkd.warmup_epochs = 2.0
+    got = distill._dkd_weight(config, SimpleNamespace(step=jnp.int32(30)), steps_per_epoch, first_main_step)
+    np.testing.assert_allclose(float(got), 0.5, rtol=1e-6)

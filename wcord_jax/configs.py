@@ -109,7 +109,7 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.dkd.alpha = 1.0  # weight of the target-class term (TCKD)
     c.dkd.beta = 8.0  # weight of the non-target term (NCKD)
     c.dkd.temperature = 4.0
-    c.dkd.warmup_epochs = 20.0  # linear warm-up of the DKD term; scales with the run length like lr_decay_epochs
+    c.dkd.warmup_epochs = 20.0  # linear warm-up of the DKD term, in main-stage epochs (absolute, as mdistiller)
     c.heads_lr_scale = 1.0  # learning rate of the embedding heads / the student's (SGD: scales their updates)
 
     c.crd = ml_collections.ConfigDict()

@@ -340,11 +340,15 @@ def _apply_bn_module(module, params, stats, *args, train: bool):
 
 
 def _dkd_weight(config, state, steps_per_epoch: int, first_main_step: int):
-    """mdistiller's warm-up min(epoch / warmup, 1), the 1-based main-stage epoch constant within an epoch; the warm-up
-    length scales with the run like the learning-rate decay epochs."""
-    scale = config.num_epochs / config.lr_schedule_epochs if config.lr_schedule_epochs else 1.0
+    """mdistiller's warm-up min(epoch / dkd.warmup_epochs, 1), the 1-based main-stage epoch constant within an epoch.
+
+    The warm-up is absolute, as in mdistiller: it does not scale with the run's length (unlike the learning-rate decay
+    epochs). It protects a barely trained student from the beta-weighted NCKD term, and how long that takes depends on
+    how much the student has trained, not on how long the run goes on; a scaled warm-up shrank to a third of an epoch
+    in a 4-epoch run. A run shorter than the warm-up never reaches the full DKD weight; set dkd.warmup_epochs then.
+    """
     epoch = (state.step - first_main_step) // steps_per_epoch + 1
-    return losses.dkd_warmup(epoch, config.dkd.warmup_epochs * scale)
+    return losses.dkd_warmup(epoch, config.dkd.warmup_epochs)
 
 
 def _baseline_term(config, params, module_stats, modules, s_feats, t_feats, s_logits, t_logits, labels, dkd_weight):
