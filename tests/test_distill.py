@@ -88,10 +88,11 @@ def test_four_devices_give_the_same_losses_as_one(teacher_dir, method, terms):
         mesh, _, state, run = _setup(config, n)
         metrics = []
         for i in range(3):  # three separate dispatches: memory / queue state carried between steps
+            prev = jax.device_get(state)
             state, m = run(state, parallel.shard_batch(order[i:i + 1], mesh, P(None, "data")))
             metrics.append(jax.device_get(m))
-        results.append((metrics, state))
-    (m1, s1), (m4, s4) = results
+        results.append((metrics, state, prev))
+    (m1, s1, prev1), (m4, s4, _) = results
     for a, b in zip(m1, m4):
         for term in terms + ("loss",):
             np.testing.assert_allclose(a[term], b[term], rtol=2e-4, atol=1e-5, err_msg=term)
@@ -108,6 +109,16 @@ def test_four_devices_give_the_same_losses_as_one(teacher_dir, method, terms):
         np.testing.assert_allclose(np.asarray(s4.method_state.queue_t), np.asarray(s1.method_state.queue_t),
                                    rtol=1e-4, atol=1e-5)
         assert int(s4.method_state.ptr) == int(s1.method_state.ptr) == 48
+        # The momentum key heads are replicated, equal to the one-device ones, and have left the trained heads.
+        assert set(s4.key_params) == {"embed_s", "embed_t"}
+        close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6)
+        jax.tree.map(lambda a, b: close(np.asarray(a), np.asarray(b)), s4.key_params, s1.key_params)
+        m = config.wcord.key_momentum  # key <- m * key + (1 - m) * trained head after the step
+        for name in ("embed_s", "embed_t"):
+            jax.tree.map(lambda k, k0, p: close(np.asarray(k), m * np.asarray(k0) + (1 - m) * np.asarray(p)),
+                         s1.key_params[name], prev1.key_params[name], s1.params[name])
+        assert not np.allclose(np.asarray(s1.key_params["embed_s"]["linear"]["kernel"]),
+                               np.asarray(s1.params["embed_s"]["linear"]["kernel"]), rtol=0, atol=1e-7)
 
 
 def test_a_step_leaves_the_teacher_unchanged(teacher_dir):
@@ -170,6 +181,11 @@ def test_distillation_resumes_with_the_same_weights_and_queue(teacher_dir, tmp_p
     a, b = checkpoint.load_variables(straight), checkpoint.load_variables(resumed)
     assert set(a["params"]) == {"student", "embed_s", "embed_t"}
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        np.testing.assert_array_equal(x, y)
+    # The momentum key heads are checkpointed and resume too.
+    key_a, key_b = (checkpoint.load_state(w)["key_params"] for w in (straight, resumed))
+    assert set(key_a) == {"embed_s", "embed_t"}
+    for x, y in zip(jax.tree.leaves(key_a), jax.tree.leaves(key_b)):
         np.testing.assert_array_equal(x, y)
 
 

@@ -8,8 +8,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from wcord_jax.losses import (build_class_index, crd_loss, init_crd_state, init_queue_state, kd_loss,
-                              queue_state_specs, sample_contrast_idx, wcord_global_loss, wcord_global_loss_memory,
-                              wcord_local_loss)
+                              queue_state_specs, sample_contrast_idx, wcord_global_loss, wcord_global_loss_batch,
+                              wcord_global_loss_memory, wcord_local_loss)
 
 AX = "data"
 N_DEV = 4
@@ -65,16 +65,22 @@ def test_kd_loss_sharded(mesh):
     np.testing.assert_allclose(float(f(s, t)), float(kd_loss(s, t)), rtol=1e-6)
 
 
-def test_wcord_global_loss_sharded_queue(mesh):
+@pytest.mark.parametrize("keys", [False, True])
+def test_wcord_global_loss_sharded_queue(mesh, keys):
+    """With keys (momentum heads' outputs, here another pair of heads) and a short student queue too."""
     k, b_global, d, tau = 32, 12, 5, 0.1
     params = _heads(d)
+    key_params = _heads(d, seed=7)
     state1 = init_queue_state(jax.random.key(0), k, d)
     state4 = state1
+    options = {"student_queue_size": 20} if keys else {}
 
     def step(params, state, xs, xt, axis_name):
         def loss_fn(p):
             es, et = _embed(p, xs, xt)
-            return wcord_global_loss(state, es, et, tau=tau, axis_name=axis_name)
+            if keys:
+                options["key_s"], options["key_t"] = _embed(key_params, xs, xt)
+            return wcord_global_loss(state, es, et, tau=tau, axis_name=axis_name, **options)
         (loss, new_state), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
         return loss, new_state, grads
 
@@ -87,7 +93,7 @@ def test_wcord_global_loss_sharded_queue(mesh):
         xs, xt = _features(b_global, seed=10 + i), _features(b_global, seed=20 + i)
         loss1, state1, g1 = one(params, state1, xs, xt)
         loss4, state4, g4 = four(params, state4, xs, xt)
-        np.testing.assert_allclose(float(loss4), float(loss1), rtol=1e-5)
+        np.testing.assert_allclose(float(loss4), float(loss1), rtol=1e-5, atol=1e-6)  # (step 1: empty queue, 0)
         _close_tree(g4, g1, rtol=1e-4, atol=1e-6)
         np.testing.assert_allclose(np.asarray(state4.queue_s), np.asarray(state1.queue_s), atol=1e-6)
         np.testing.assert_allclose(np.asarray(state4.queue_t), np.asarray(state1.queue_t), atol=1e-6)
@@ -95,6 +101,24 @@ def test_wcord_global_loss_sharded_queue(mesh):
         ptrs.append(int(state4.ptr))
     assert ptrs == [12, 24, 4, 16, 28, 8]
     assert int(state4.filled) == k
+
+
+def test_wcord_global_loss_batch_sharded(mesh):
+    """In-batch negatives: each device's local anchors against the gathered batch equal the one-device loss, and the
+    gradients (through the gather too) equal the one-device gradients."""
+    b_global, d, tau = 12, 5, 0.1
+    params = _heads(d)
+    xs, xt = _features(b_global, seed=1), _features(b_global, seed=2)
+
+    def loss(p, xs, xt, axis_name):
+        es, et = _embed(p, xs, xt)
+        return wcord_global_loss_batch(es, et, tau=tau, axis_name=axis_name)
+
+    one = jax.jit(jax.value_and_grad(functools.partial(loss, axis_name=None)))(params, xs, xt)
+    four = sharded(mesh, (P(), P(AX), P(AX)), (P(), P()))(
+        jax.value_and_grad(functools.partial(loss, axis_name=AX)))(params, xs, xt)
+    np.testing.assert_allclose(float(four[0]), float(one[0]), rtol=1e-5)
+    _close_tree(four[1], one[1], rtol=1e-4, atol=1e-6)
 
 
 def _crd_batches(n, b_global, k, steps, seed=0):

@@ -5,7 +5,8 @@ import numpy as np
 import pytest
 
 from wcord_jax.losses import (QueueState, infonce_from_logits, infonce_logits, init_crd_state, init_queue_state,
-                              wcord_global_loss, wcord_global_loss_memory, wcord_local_loss)
+                              wcord_global_loss, wcord_global_loss_batch, wcord_global_loss_memory,
+                              wcord_local_loss)
 
 # ott's implicit differentiation goes through lineax, which warns about its own deprecated NormalCG.
 pytestmark = pytest.mark.filterwarnings("ignore:.*NormalCG.*:DeprecationWarning")
@@ -187,7 +188,10 @@ def test_global_loss_rejects_batch_larger_than_queue():
         wcord_global_loss(state, jnp.ones((5, 3)), jnp.ones((5, 3)))
 
 
-def test_global_loss_memory_variant_matches_numpy():
+@pytest.mark.parametrize("with_keys", [False, True])
+def test_global_loss_memory_variant_matches_numpy(with_keys):
+    """Positive and negatives are memory rows (the positive is the anchor's own row, as in CRD); the memories are
+    updated with the keys when given, with the anchors otherwise."""
     tau, m, n, d, b, k = 0.1, 0.5, 30, 4, 5, 7
     state = init_crd_state(jax.random.key(0), n, d)
     rng = np.random.default_rng(0)
@@ -197,14 +201,72 @@ def test_global_loss_memory_variant_matches_numpy():
     for i in range(2):
         idx = perm[i * b:(i + 1) * b].astype(np.int32)
         cidx = np.concatenate([idx[:, None], rng.integers(0, n, size=(b, k))], 1).astype(np.int32)
-        es = _unit(rng.normal(size=(b, d))).astype(np.float32)
-        et = _unit(rng.normal(size=(b, d))).astype(np.float32)
-        loss, state = step(state, es, et, idx, cidx, tau=tau, momentum=m)
-        ref = np_infonce(es, et, mem_t[cidx[:, 1:]], tau) + np_infonce(et, es, mem_s[cidx[:, 1:]], tau)
+        es, et, ks, kt = (_unit(rng.normal(size=(b, d))).astype(np.float32) for _ in range(4))
+        keys = {"key_s": ks, "key_t": kt} if with_keys else {}
+        loss, state = step(state, es, et, idx, cidx, tau=tau, momentum=m, **keys)
+        ref = (np_infonce(es, mem_t[idx], mem_t[cidx[:, 1:]], tau)
+               + np_infonce(et, mem_s[idx], mem_s[cidx[:, 1:]], tau))
         np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
-        for mem, e in ((mem_s, es), (mem_t, et)):
+        for mem, e in ((mem_s, ks if with_keys else es), (mem_t, kt if with_keys else et)):
             row = m * mem[idx] + (1 - m) * e
             mem[idx] = row / np.linalg.norm(row, axis=1, keepdims=True)
         np.testing.assert_allclose(np.asarray(state.memory_s), mem_s, atol=1e-6)
         np.testing.assert_allclose(np.asarray(state.memory_t), mem_t, atol=1e-6)
         assert float(state.z_s) == -1.0 and float(state.z_t) == -1.0
+    one_way, _ = wcord_global_loss_memory(state, es, et, idx, cidx, tau=tau, momentum=m, teacher_anchors=False)
+    np.testing.assert_allclose(float(one_way), np_infonce(es, mem_t[idx], mem_t[cidx[:, 1:]], tau), rtol=1e-5)
+
+
+def test_global_loss_with_keys_matches_numpy_enqueues_keys_and_has_constant_keys():
+    """MoCo-style keys: the positive of each anchor is the other side's key, the queues receive keys; gradients reach
+    the anchors only. A short student queue keeps only the newest rows as teacher-anchor negatives."""
+    tau, k, b, d, short = 0.1, 16, 6, 5, 8
+    state = init_queue_state(jax.random.key(0), k, d)
+    q_s, q_t = np.zeros((k, d)), np.zeros((k, d))
+    ages = np.full(k, 10 ** 6)  # rows written after each row (never written: huge)
+    ptr, filled = 0, 0
+    step = jax.jit(wcord_global_loss, static_argnames=("tau", "teacher_anchors", "student_queue_size"))
+    rng = np.random.default_rng(0)
+    for _ in range(4):
+        es, et, ks, kt = (_unit(rng.normal(size=(b, d))).astype(np.float32) for _ in range(4))
+        newest = np.argsort(ages, kind="stable")[:min(filled, short)]
+        loss, new_state = step(state, es, et, tau=tau, key_s=ks, key_t=kt, student_queue_size=short)
+        ref = np_infonce(es, kt, q_t[:filled], tau) + np_infonce(et, ks, q_s[newest], tau)
+        np.testing.assert_allclose(float(loss), ref, rtol=1e-5, atol=1e-7)
+        one_way, _ = step(state, es, et, tau=tau, key_s=ks, key_t=kt, teacher_anchors=False)
+        np.testing.assert_allclose(float(one_way), np_infonce(es, kt, q_t[:filled], tau), rtol=1e-5, atol=1e-7)
+        if filled:
+            g = jax.grad(lambda a, c, x, y: wcord_global_loss(state, a, c, tau=tau, key_s=x, key_t=y)[0],
+                         argnums=(0, 1, 2, 3))(es, et, ks, kt)
+            assert float(jnp.abs(g[0]).max()) > 0 and float(jnp.abs(g[1]).max()) > 0
+            assert float(jnp.abs(g[2]).max()) == 0 and float(jnp.abs(g[3]).max()) == 0
+        rows = (ptr + np.arange(b)) % k
+        q_s[rows], q_t[rows] = ks, kt
+        ages += b  # ages count rows written since
+        ages[rows] = np.arange(b)[::-1]  # within a batch, the last row is the newest
+        ptr, filled = (ptr + b) % k, min(filled + b, k)
+        np.testing.assert_allclose(np.asarray(new_state.queue_s)[:filled], q_s[:filled], atol=1e-7)
+        np.testing.assert_allclose(np.asarray(new_state.queue_t)[:filled], q_t[:filled], atol=1e-7)
+        state = new_state
+    with pytest.raises(ValueError, match="both"):
+        wcord_global_loss(state, es, et, key_s=ks)
+
+
+def np_clip(s, t, tau, both=True):
+    """Symmetric InfoNCE over the batch: row i of s against every row of t (target i), and the reverse."""
+    s, t = np.asarray(s, np.float64), np.asarray(t, np.float64)
+
+    def ce(a, o):
+        logits = a @ o.T / tau
+        return np.mean(_np_logsumexp(logits, axis=1) - np.diag(logits))
+
+    return ce(s, t) + (ce(t, s) if both else 0.0)
+
+
+def test_global_loss_batch_matches_numpy():
+    tau, b, d = 0.1, 8, 5
+    rng = np.random.default_rng(3)
+    es, et = (jnp.asarray(_unit(rng.normal(size=(b, d))), jnp.float32) for _ in range(2))
+    for both in (True, False):
+        loss = wcord_global_loss_batch(es, et, tau, teacher_anchors=both)
+        np.testing.assert_allclose(float(loss), np_clip(es, et, tau, both), rtol=1e-5)

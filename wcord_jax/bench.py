@@ -71,12 +71,16 @@ def _crd_loss_off(state, emb_s, emb_t, idx, contrast_idx, temperature=0.07, mome
     return _positive_only(emb_s, emb_t, temperature, axis_name), state
 
 
-def _wcord_global_loss_off(state, emb_s, emb_t, tau=0.07, axis_name=None):
+def _wcord_global_loss_off(state, emb_s, emb_t, tau=0.07, axis_name=None, **keys):
     return _positive_only(emb_s, emb_t, tau, axis_name), state
 
 
+def _wcord_global_loss_batch_off(emb_s, emb_t, tau=0.07, axis_name=None, **kwargs):
+    return _positive_only(emb_s, emb_t, tau, axis_name)
+
+
 def _wcord_global_loss_memory_off(crd_state, emb_s, emb_t, idx, contrast_idx, tau=0.07, momentum=0.5,
-                                  axis_name=None):
+                                  axis_name=None, **keys):
     return _positive_only(emb_s, emb_t, tau, axis_name), crd_state
 
 
@@ -96,6 +100,7 @@ def _wcord_local_loss_off(emb_s, emb_t, *args, axis_name=None, **kwargs):
 
 NEGATIVES_OFF = {"crd_loss": _crd_loss_off, "wcord_global_loss": _wcord_global_loss_off,
                  "wcord_global_loss_memory": _wcord_global_loss_memory_off,
+                 "wcord_global_loss_batch": _wcord_global_loss_batch_off,
                  "sample_contrast_idx": _sample_contrast_idx_off}
 LOCAL_OFF = {"wcord_local_loss": _wcord_local_loss_off}
 

@@ -123,7 +123,18 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.wcord.feat_dim = 128
     c.wcord.tau = 0.07  # critic temperature: f(t, s) = <g_t(t), g_s(s)> / tau
     c.wcord.num_negatives = 16384  # queue length K (split over the devices)
-    c.wcord.negatives = "queue"  # queue | memory (CRD's memory bank, with crd.* settings)
+    # Where the global term's negatives come from: queue (a FIFO of past keys, K = num_negatives) | batch (the other
+    # examples of the global batch, CLIP's symmetric InfoNCE) | memory (CRD's memory bank with crd.* settings; the
+    # positive is the bank row too, as in CRD).
+    c.wcord.negatives = "queue"
+    # Keys (the positive of each anchor and what is written to the queue / memory): ema (momentum copies of both
+    # heads, as MoCo) | trained (the trained heads themselves: the first design, kept as an ablation; it collapses).
+    c.wcord.key_heads = "ema"
+    c.wcord.key_momentum = 0.999  # key head <- m * key head + (1 - m) * trained head, after every step
+    c.wcord.directions = "both"  # both (student and teacher anchors) | student (student anchors only)
+    # Teacher anchors score only the newest fraction of the student queue (its keys come from the live student
+    # backbone, so old rows are stale); 1.0: all K rows.
+    c.wcord.student_queue_fraction = 0.125
     c.wcord.queue_init = "empty"  # empty (only written rows are negatives) | random (MoCo: random unit vectors)
     c.wcord.lipschitz = "spectral"  # spectral | gradient_penalty | none
     c.wcord.power_iterations = 1  # spectral-norm power-iteration steps per train step

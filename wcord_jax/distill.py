@@ -40,6 +40,9 @@ CRD_METHODS = ("crd", "crdkd")
 WCORD_METHODS = ("wcord", "wcordkd")
 _METHOD_STREAM, _HEADS_STREAM, _STATE_STREAM = 3, 4, 5
 _LIPSCHITZ = ("spectral", "gradient_penalty", "none")
+_NEGATIVES = ("queue", "batch", "memory")
+_KEYS = ("ema", "trained")
+_DIRECTIONS = ("both", "student")
 _LOCAL_GRADIENTS = {"implicit": "dense", "unrolled": False, "stop_plan": None}
 # The student's classifier, by the zoo's parameter names; the init stages of AB and FSP train everything else.
 CLASSIFIER_NAMES = ("fc", "linear", "classifier")
@@ -62,6 +65,7 @@ class DistillState:
     init_opt_state: Any  # the init stage's optimizer (AB, FT, FSP; () otherwise)
     rng: jax.Array
     method_state: Any  # CRDState (crd, wcord with memory), QueueState (wcord with queue), or {}
+    key_params: Any  # WCoRD's momentum key heads ({'embed_s': ..., 'embed_t': ...}; {} otherwise)
 
 
 def uses_heads(method: str) -> bool:
@@ -70,6 +74,24 @@ def uses_heads(method: str) -> bool:
 
 def _method_config(config):
     return config.wcord if config.method in WCORD_METHODS else config.crd
+
+
+def _wcord_memory(config) -> bool:
+    return config.method in WCORD_METHODS and config.wcord.negatives == "memory"
+
+
+def _wcord_queue(config) -> bool:
+    return config.method in WCORD_METHODS and config.wcord.negatives == "queue"
+
+
+def _key_heads(config) -> bool:
+    """Whether the run keeps momentum key heads (WCoRD with key_heads=ema and a queue or memory of keys)."""
+    return config.method in WCORD_METHODS and config.wcord.key_heads == "ema" and config.wcord.negatives != "batch"
+
+
+def _student_queue_size(w):
+    """Rows of the student queue that teacher anchors score: the newest `student_queue_fraction` of K (None: all)."""
+    return None if w.student_queue_fraction >= 1.0 else max(1, round(w.num_negatives * w.student_queue_fraction))
 
 
 def init_epochs(config) -> int:
@@ -94,8 +116,13 @@ def validate(config, num_devices: int) -> None:
         raise ConfigError(f"unknown wcord.local_gradient {w.local_gradient!r}; valid: {', '.join(_LOCAL_GRADIENTS)}")
     if w.local_scope not in ("global", "device"):
         raise ConfigError(f"unknown wcord.local_scope {w.local_scope!r}; valid: global, device")
-    if w.negatives not in ("queue", "memory"):
-        raise ConfigError(f"unknown wcord.negatives {w.negatives!r}; valid: queue, memory")
+    for key, valid in (("negatives", _NEGATIVES), ("key_heads", _KEYS), ("directions", _DIRECTIONS)):
+        if w[key] not in valid:
+            raise ConfigError(f"unknown wcord.{key} {w[key]!r}; valid: {', '.join(valid)}")
+    if not 0.0 <= w.key_momentum < 1.0:
+        raise ConfigError(f"wcord.key_momentum must be in [0, 1), got {w.key_momentum}")
+    if not 0.0 < w.student_queue_fraction <= 1.0:
+        raise ConfigError(f"wcord.student_queue_fraction must be in (0, 1], got {w.student_queue_fraction}")
     if w.queue_init not in ("empty", "random"):
         raise ConfigError(f"unknown wcord.queue_init {w.queue_init!r}; valid: empty, random")
     if config.method in WCORD_METHODS and w.negatives == "queue":
@@ -254,26 +281,28 @@ def create_state(config, key, student, modules: dict, image_shape, n_data: int, 
             spectral[name] = v[heads.SPECTRAL_COLLECTION]
     state_key = jax.random.fold_in(key, _STATE_STREAM)
     method_state = {}
-    if config.method in CRD_METHODS or (config.method in WCORD_METHODS and config.wcord.negatives == "memory"):
+    if config.method in CRD_METHODS or _wcord_memory(config):
         method_state = losses.init_crd_state(state_key, n_data, _method_config(config).feat_dim)
-    elif config.method in WCORD_METHODS:
+    elif _wcord_queue(config):
         method_state = losses.init_queue_state(state_key, config.wcord.num_negatives, config.wcord.feat_dim,
                                                empty=config.wcord.queue_init == "empty")
+    # The key heads start as copies of the trained heads (MoCo).
+    key_params = {k: jax.tree.map(jnp.copy, params[k]) for k in ("embed_s", "embed_t")} if _key_heads(config) else {}
     tx, init_tx = make_optimizers(config, params, steps_per_epoch)
     state = DistillState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=init.get("batch_stats", {}),
                          module_stats=module_stats, spectral=spectral, opt_state=tx.init(params),
                          init_opt_state=init_tx.init(params) if init_tx is not None else (), rng=key,
-                         method_state=method_state)
+                         method_state=method_state, key_params=key_params)
     return state, tx, init_tx
 
 
 def state_spec(config) -> Any:
     """PartitionSpecs of the state: all replicated except a WCoRD queue, split over the devices."""
     method_state = P()
-    if config.method in WCORD_METHODS and config.wcord.negatives == "queue":
+    if _wcord_queue(config):
         method_state = losses.queue_state_specs(AXIS)
     return DistillState(step=P(), params=P(), batch_stats=P(), module_stats=P(), spectral=P(), opt_state=P(),
-                        init_opt_state=P(), rng=P(), method_state=method_state)
+                        init_opt_state=P(), rng=P(), method_state=method_state, key_params=P())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -405,7 +434,7 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
     t_feat = t_feats[-1]
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
     contrast_idx = None
-    if method in CRD_METHODS or (method in WCORD_METHODS and config.wcord.negatives == "memory"):
+    if method in CRD_METHODS or _wcord_memory(config):
         contrast_idx = _contrast_idx(key, batch, class_index, config)
     embed_s, embed_t = (modules["embed_s"][0], modules["embed_t"][0]) if uses_heads(method) else (None, None)
     dkd_weight = _dkd_weight(config, state, steps_per_epoch, first_main_step) if method == "dkd" else None
@@ -424,6 +453,12 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
             if state.spectral:
                 spectral = {"embed_s": spec_s, "embed_t": spec_t}
             extra.update(_embedding_stats(emb_s, emb_t))
+            key_s = key_t = None
+            if state.key_params:  # the momentum heads' keys of the live student's and the teacher's features
+                key_s = lax.stop_gradient(_embed(embed_s, state.key_params["embed_s"], state.spectral.get("embed_s"),
+                                                 lax.stop_gradient(s_feat), False)[0])
+                key_t = lax.stop_gradient(_embed(embed_t, state.key_params["embed_t"], state.spectral.get("embed_t"),
+                                                 t_feat, False)[0])
         if method in CRD_METHODS:
             c = config.crd
             term, method_state = losses.crd_loss(state.method_state, emb_s, emb_t, batch["index"], contrast_idx,
@@ -431,12 +466,17 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
             terms["crd"] = term
         elif method in WCORD_METHODS:
             w = config.wcord
-            if w.negatives == "queue":
-                glob, method_state = losses.wcord_global_loss(state.method_state, emb_s, emb_t, w.tau, axis_name=AXIS)
+            both = w.directions == "both"
+            if w.negatives == "batch":
+                glob = losses.wcord_global_loss_batch(emb_s, emb_t, w.tau, axis_name=AXIS, teacher_anchors=both)
+            elif w.negatives == "queue":
+                glob, method_state = losses.wcord_global_loss(
+                    state.method_state, emb_s, emb_t, w.tau, axis_name=AXIS, key_s=key_s, key_t=key_t,
+                    teacher_anchors=both, student_queue_size=_student_queue_size(w))
             else:
-                glob, method_state = losses.wcord_global_loss_memory(state.method_state, emb_s, emb_t,
-                                                                     batch["index"], contrast_idx, w.tau,
-                                                                     config.crd.nce_m, axis_name=AXIS)
+                glob, method_state = losses.wcord_global_loss_memory(
+                    state.method_state, emb_s, emb_t, batch["index"], contrast_idx, w.tau, config.crd.nce_m,
+                    axis_name=AXIS, key_s=key_s, key_t=key_t, teacher_anchors=both)
             mode = _LOCAL_GRADIENTS[w.local_gradient]
             per_device = w.local_scope == "device"
             local, aux = losses.wcord_local_loss(
@@ -465,8 +505,12 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
     params, opt_state = _update(tx, grads, state.opt_state, state.params, trainable_mask(state.params, "main", method),
                                 config.heads_lr_scale)
     top1 = lax.pmean(jnp.mean((jnp.argmax(s_logits, -1) == batch["label"]).astype(jnp.float32)), AXIS)
+    key_params = state.key_params
+    if key_params:
+        m = config.wcord.key_momentum
+        key_params = {k: jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, v, params[k]) for k, v in key_params.items()}
     new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, module_stats=module_stats,
-                              spectral=spectral, opt_state=opt_state, method_state=method_state)
+                              spectral=spectral, opt_state=opt_state, method_state=method_state, key_params=key_params)
     return new_state, {"loss": loss, "top1": top1, **terms, **extra}
 
 
@@ -590,8 +634,7 @@ def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None
 def distill_and_evaluate(config, workdir: str) -> dict:
     """Distils `config.teacher` into `config.model` with `config.method`; returns the student's final eval metrics."""
     mesh, dtype, dataset, feed = train.setup_run(config, validate)
-    if not dataset.in_memory and (config.method in CRD_METHODS or
-                                  (config.method in WCORD_METHODS and config.wcord.negatives == "memory")):
+    if not dataset.in_memory and (config.method in CRD_METHODS or _wcord_memory(config)):
         raise ConfigError("CRD's memory bank needs the labels of the whole training set: use an in-memory data set")
     spe = feed.steps_per_epoch
     eng = build_engine(config, dataset, spe, dtype)

@@ -3,8 +3,10 @@
 Two terms on the L2-normalised outputs of the student and teacher embedding heads (`wcord_jax.heads.Embed`):
 
 * global, dual form (`wcord_global_loss`): a contrastive (InfoNCE) estimate with the critic
-  f(t, s) = <g_t(t), g_s(s)> / tau, symmetrised over student and teacher anchors, with negatives from a MoCo-style
-  FIFO queue sharded over the devices (`QueueState`), or from CRD's memory banks (`wcord_global_loss_memory`);
+  f(t, s) = <g_t(t), g_s(s)> / tau, symmetrised over student and teacher anchors, with the positives and negatives
+  taken from MoCo-style momentum copies of the heads (keys) and a FIFO queue of past keys sharded over the devices
+  (`QueueState`); or with in-batch negatives (`wcord_global_loss_batch`, CLIP's symmetric InfoNCE); or with CRD's
+  memory banks (`wcord_global_loss_memory`);
 * local, primal form (`wcord_local_loss`): the entropic optimal-transport cost between the batch's student and
   teacher embeddings under the cosine cost, solved with ott-jax's Sinkhorn.
 
@@ -133,90 +135,166 @@ def _enqueue(queue: jax.Array, batch: jax.Array, ptr: jax.Array, axis_name: Opti
     return jnp.where((offset < b_global)[:, None], incoming, queue)
 
 
-def wcord_global_loss(state: QueueState, emb_s: jax.Array, emb_t: jax.Array, tau: float = 0.07,
-                      axis_name: Optional[str] = None) -> tuple[jax.Array, QueueState]:
-    r"""WCoRD's global (dual-form) term with queue negatives, and the queue after enqueuing the batch.
+def _recent_rows(rows: jax.Array, ptr: jax.Array, filled: jax.Array, k_global: int, size: Optional[int]) -> jax.Array:
+    """Which global queue `rows` hold one of the last `min(filled, size)` written embeddings (all written rows when
+    `size` is None): the row written j-th most recently is (ptr - 1 - j) mod K."""
+    if size is None or size >= k_global:
+        return rows < filled
+    age = jnp.mod(ptr - 1 - rows, k_global)
+    return age < jnp.minimum(filled, size)
 
-    With s_i, t_i the L2-normalised student / teacher head outputs of the B (global) examples, Q_t / Q_s the K
-    queued teacher / student embeddings, and the critic f(t, s) = <t, s> / tau:
+
+def wcord_global_loss(state: QueueState, emb_s: jax.Array, emb_t: jax.Array, tau: float = 0.07,
+                      axis_name: Optional[str] = None, key_s: Optional[jax.Array] = None,
+                      key_t: Optional[jax.Array] = None, teacher_anchors: bool = True,
+                      student_queue_size: Optional[int] = None) -> tuple[jax.Array, QueueState]:
+    r"""WCoRD's global (dual-form) term with queue negatives, and the queue after enqueuing the batch's keys.
+
+    With s_i, t_i the L2-normalised outputs of the trained student / teacher heads for the B (global) examples (the
+    anchors), s'_i, t'_i the keys of the same examples (`key_s`, `key_t`: the outputs of momentum copies of the
+    heads, constants), Q_t / Q_s the K queued teacher / student keys of past batches, and the critic
+    f(t, s) = <t, s> / tau:
 
     .. math::
-        \mathcal{L} = \frac{1}{B}\sum_i -\log\frac{e^{f(t_i, s_i)}}{e^{f(t_i, s_i)} + \sum_k e^{f(Q_{t,k}, s_i)}}
-                    + \frac{1}{B}\sum_i -\log\frac{e^{f(t_i, s_i)}}{e^{f(t_i, s_i)} + \sum_k e^{f(t_i, Q_{s,k})}}
+        \mathcal{L} = \frac{1}{B}\sum_i -\log\frac{e^{f(t'_i, s_i)}}{e^{f(t'_i, s_i)} + \sum_k e^{f(Q_{t,k}, s_i)}}
+                    + \frac{1}{B}\sum_i -\log\frac{e^{f(t_i, s'_i)}}{e^{f(t_i, s'_i)} + \sum_k e^{f(t_i, Q_{s,k})}}
 
-    i.e. InfoNCE in both directions: student anchors with their current teacher positive against teacher-queue
-    negatives, and teacher anchors with their current student positive against student-queue negatives; the two
-    batch means are added (symmetrised like CRD's two halves; the weight of the term is the caller's). Queue entries are
-    constants; the positive is differentiated on both sides (both heads, i.e. the critic, are trained).
+    i.e. InfoNCE in both directions, as in MoCo: student anchors against the teacher keys (the positive t'_i and the
+    queued negatives come from the same key head, so they are equally "old"), and teacher anchors against the
+    student keys. The two batch means are added (the weight of the term is the caller's). Keys and queue entries are
+    constants; the anchors are differentiated.
+
+    `key_s` / `key_t` None: the keys are the anchors themselves (`key_s = emb_s`, `key_t = emb_t`) and the positive
+    <s_i, t_i> is differentiated on both sides. This is the first design of this library, kept as an ablation
+    (`wcord.key_heads=trained`): heads that move every step make current and queued embeddings separable and collapse.
+
+    `teacher_anchors=False` drops the second direction (student anchors only). `student_queue_size` (< K) scores
+    teacher anchors against only the most recently written `student_queue_size` rows of the student queue (fresher
+    student keys); None: all of it.
 
     Only the queue rows that hold embeddings count (the first `filled` rows; all K once the queue has turned over):
     on the first step of an empty queue there are no negatives and the loss is 0.
 
-    After scoring, the batch is enqueued FIFO (stop-gradient): row (ptr + j) mod K receives embedding j, and ptr
+    After scoring, the batch's keys are enqueued FIFO (stop-gradient): row (ptr + j) mod K receives key j, and ptr
     advances by B mod K. Requires B <= K.
 
-    Multi-device (`axis_name` set, inside shard_map): `emb_s`, `emb_t` are this device's shard of the batch, the
-    queues are sharded (this device holds the K/n global rows [d*K/n, (d+1)*K/n), d = `lax.axis_index`) and `ptr` is
-    replicated. Each device gathers the global batch, scores all its anchors against its own queue rows, and the
-    log-sum-exp over negatives is combined across devices (pmax of the maxima, psum of the shifted exp-sums), so
-    the loss equals the one-device loss on the global batch with the global queue. Each device then writes the rows
-    of the global batch that fall in its own range. Loss and ptr are typed device-invariant; the queue shards are
-    per-device (`out_specs=P(axis)`).
+    Multi-device (`axis_name` set, inside shard_map): `emb_s`, `emb_t` (and keys) are this device's shard of the
+    batch, the queues are sharded (this device holds the K/n global rows [d*K/n, (d+1)*K/n), d = `lax.axis_index`)
+    and `ptr` is replicated. Each device gathers the global batch, scores all its anchors against its own queue rows,
+    and the log-sum-exp over negatives is combined across devices (pmax of the maxima, psum of the shifted
+    exp-sums), so the loss equals the one-device loss on the global batch with the global queue. Each device then
+    writes the rows of the global batch that fall in its own range. Loss and ptr are typed device-invariant; the
+    queue shards are per-device (`out_specs=P(axis)`).
 
     Args:
       state: `QueueState` (sharded as above under shard_map).
-      emb_s: [B, D] student embeddings (this device's shard).
-      emb_t: [B, D] teacher embeddings.
+      emb_s: [B, D] student anchors (this device's shard).
+      emb_t: [B, D] teacher anchors.
       tau: critic temperature.
       axis_name: batch / queue mesh axis, or None.
+      key_s, key_t: [B, D] student / teacher keys, or None (see above). Both or neither.
+      teacher_anchors: score the teacher-anchor direction.
+      student_queue_size: how many of the newest student-queue rows are negatives for teacher anchors (None: all).
 
     Returns:
       `(loss, new_state)`.
     """
+    if (key_s is None) != (key_t is None):
+        raise ValueError("pass both key_s and key_t, or neither")
     n_dev = _parallel.axis_size(axis_name)
-    k_global = state.queue_s.shape[0] * n_dev
+    k_local = state.queue_s.shape[0]
+    k_global = k_local * n_dev
     b_global = emb_s.shape[0] * n_dev
     if b_global > k_global:
         raise ValueError(f"the global batch ({b_global}) must not exceed the queue size ({k_global})")
     s = _parallel.gather(emb_s.astype(jnp.float32), axis_name)
     t = _parallel.gather(emb_t.astype(jnp.float32), axis_name)
-    pos, neg_s = infonce_logits(s, t, state.queue_t, tau)  # student anchors vs this device's teacher-queue rows
-    _, neg_t = infonce_logits(t, s, state.queue_s, tau)  # teacher anchors vs this device's student-queue rows
-    k_local = state.queue_s.shape[0]
+    if key_s is None:
+        ks, kt = s, t
+    else:
+        ks = lax.stop_gradient(_parallel.gather(key_s.astype(jnp.float32), axis_name))
+        kt = lax.stop_gradient(_parallel.gather(key_t.astype(jnp.float32), axis_name))
     rows = _parallel.axis_index(axis_name) * k_local + jnp.arange(k_local, dtype=jnp.int32)
-    valid = rows < state.filled
-    loss_s = jnp.mean(_sharded_infonce(pos, neg_s, valid, axis_name))
-    loss_t = jnp.mean(_sharded_infonce(pos, neg_t, valid, axis_name))
-    new_state = QueueState(queue_s=_enqueue(state.queue_s, s, state.ptr, axis_name),
-                           queue_t=_enqueue(state.queue_t, t, state.ptr, axis_name),
+    pos_s, neg_s = infonce_logits(s, kt, state.queue_t, tau)  # student anchors vs this device's teacher-queue rows
+    loss = jnp.mean(_sharded_infonce(pos_s, neg_s, rows < state.filled, axis_name))
+    if teacher_anchors:
+        pos_t, neg_t = infonce_logits(t, ks, state.queue_s, tau)  # teacher anchors vs the student-queue rows
+        valid_s = _recent_rows(rows, state.ptr, state.filled, k_global, student_queue_size)
+        loss = loss + jnp.mean(_sharded_infonce(pos_t, neg_t, valid_s, axis_name))
+    new_state = QueueState(queue_s=_enqueue(state.queue_s, ks, state.ptr, axis_name),
+                           queue_t=_enqueue(state.queue_t, kt, state.ptr, axis_name),
                            ptr=jnp.mod(state.ptr + b_global, k_global).astype(jnp.int32),
                            filled=jnp.minimum(state.filled + b_global, k_global).astype(jnp.int32))
-    return loss_s + loss_t, new_state
+    return loss, new_state
+
+
+def wcord_global_loss_batch(emb_s: jax.Array, emb_t: jax.Array, tau: float = 0.07, axis_name: Optional[str] = None,
+                            teacher_anchors: bool = True) -> jax.Array:
+    r"""WCoRD's global term with in-batch negatives (CLIP's symmetric InfoNCE over the global batch).
+
+    .. math::
+        \mathcal{L} = \frac{1}{B}\sum_i -\log\frac{e^{f(t_i, s_i)}}{\sum_j e^{f(t_j, s_i)}}
+                    + \frac{1}{B}\sum_i -\log\frac{e^{f(t_i, s_i)}}{\sum_j e^{f(t_i, s_j)}}
+
+    over the B examples of the global batch, f(t, s) = <t, s> / tau; every embedding is differentiated (anchors,
+    positives and negatives alike: all come from the current heads, so nothing is stale and no state is kept).
+    `teacher_anchors=False` keeps the first sum only.
+
+    Multi-device (`axis_name` set, inside shard_map): each device scores its B/n local anchors against the gathered
+    batch ([B/n, B] logits instead of [B, B]); the per-anchor losses are psum'd over the devices. The gather is
+    differentiable, so the other devices' embeddings receive their share of the gradient; the loss equals the
+    one-device loss on the global batch.
+    """
+    b_local = emb_s.shape[0]
+    b_global = b_local * _parallel.axis_size(axis_name)
+    s_local, t_local = emb_s.astype(jnp.float32), emb_t.astype(jnp.float32)
+    s_all = _parallel.gather(s_local, axis_name)
+    t_all = _parallel.gather(t_local, axis_name)
+    target = _parallel.axis_index(axis_name) * b_local + jnp.arange(b_local)
+
+    def cross_entropy(anchors, others):
+        logits = anchors @ others.T / tau
+        return jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
+
+    total = jnp.sum(cross_entropy(s_local, t_all))
+    if teacher_anchors:
+        total = total + jnp.sum(cross_entropy(t_local, s_all))
+    return _parallel.psum(total, axis_name) / b_global
 
 
 def wcord_global_loss_memory(crd_state: CRDState, emb_s: jax.Array, emb_t: jax.Array, idx: jax.Array,
                              contrast_idx: jax.Array, tau: float = 0.07, momentum: float = 0.5,
-                             axis_name: Optional[str] = None) -> tuple[jax.Array, CRDState]:
-    r"""WCoRD's global term with CRD's memory banks as the source of negatives ("memory bank instead of queue").
+                             axis_name: Optional[str] = None, key_s: Optional[jax.Array] = None,
+                             key_t: Optional[jax.Array] = None,
+                             teacher_anchors: bool = True) -> tuple[jax.Array, CRDState]:
+    r"""WCoRD's global term with CRD's memory banks as the source of positives and negatives.
 
-    Same InfoNCE as `wcord_global_loss` (positive = the current batch pair <s_i, t_i>/tau, differentiated on both
-    sides), but the K negatives of anchor i are the memory rows at `contrast_idx[i, 1:]`: the teacher memory for
-    student anchors and the student memory for teacher anchors (stop-gradient). Column 0 of `contrast_idx` (CRD's
-    memory positive) is not used. The loss is the sum of the two directions' mean cross-entropy over the global
-    batch. Then both memories are updated exactly as in `crd_loss` (rows `idx` <- normalize(m·row + (1-m)·emb),
-    global batch applied on every replica). The CRD Z constants are neither used nor changed.
+    InfoNCE with the critic f(t, s) = <t, s> / tau, where, as in CRD, the positive and the negatives of anchor i are
+    all memory rows (so they are equally old): the K + 1 rows `contrast_idx[i]`, column 0 the anchor's own row (the
+    positive; `contrast_idx[:, 0] == idx`) and columns 1.. its negatives. Student anchors score the teacher memory,
+    teacher anchors the student memory (stop-gradient); the anchors are differentiated. The loss is the sum of the two
+    directions' mean cross-entropy over the global batch (`teacher_anchors=False`: the first only). Then both
+    memories are updated as in `crd_loss` (rows `idx` <- normalize(m·row + (1-m)·key)) with the keys `key_s`,
+    `key_t` (momentum heads' outputs), or with the anchors when the keys are None. The CRD Z constants are neither
+    used nor changed.
 
     Multi-device: as `crd_loss` (local anchors against the replicated memories, sums psum'd over the global batch).
     """
-    negatives = contrast_idx[:, 1:]
     memory_t = lax.stop_gradient(crd_state.memory_t)
     memory_s = lax.stop_gradient(crd_state.memory_s)
-    pos, neg_s = infonce_logits(emb_s, emb_t, memory_t[negatives], tau)
-    _, neg_t = infonce_logits(emb_t, emb_s, memory_s[negatives], tau)
-    total = jnp.sum(infonce_from_logits(pos, neg_s)) + jnp.sum(infonce_from_logits(pos, neg_t))
+
+    def direction(anchors, memory):
+        rows = memory[contrast_idx]  # [B, K+1, D]
+        pos, neg = infonce_logits(anchors, rows[:, 0], rows[:, 1:], tau)
+        return jnp.sum(infonce_from_logits(pos, neg))
+
+    total = direction(emb_s, memory_t)
+    if teacher_anchors:
+        total = total + direction(emb_t, memory_s)
     b_global = emb_s.shape[0] * _parallel.axis_size(axis_name)
     loss = _parallel.psum(total, axis_name) / b_global
-    return loss, update_crd_memories(crd_state, emb_s, emb_t, idx, momentum, axis_name)
+    ks, kt = (emb_s, emb_t) if key_s is None else (key_s, key_t)
+    return loss, update_crd_memories(crd_state, ks, kt, idx, momentum, axis_name)
 
 
 # --------------------------------------------------------------------------------------------------------------------
