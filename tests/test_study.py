@@ -1,4 +1,5 @@
-"""The accuracy study's bookkeeping: its plan, the statistics in its tables and its plots, on fabricated runs."""
+"""The accuracy study's bookkeeping: its presets and plan, the statistics in its tables and its plots, on fabricated
+runs."""
 import json
 import os
 
@@ -17,21 +18,116 @@ def _fake_run(workdir, curve):
             f.write(json.dumps({"step": epoch * 10, "epoch": epoch, "eval/top1": top1}) + "\n")
 
 
-def test_plan_covers_every_method_seed_and_ablation():
-    config = study.study_config("full")
+def test_main_preset_plan():
+    config = study.study_config("main")
+    assert config == study.study_config()  # the default preset
     runs = study.plan(config, "/w")
-    assert runs[0]["group"] == "teacher"
+    teacher = runs[0]
+    assert teacher["group"] == "teacher" and teacher["workdir"] == "/w/teacher_resnet32"
+    assert teacher["config"].model == "resnet32" and teacher["config"].dataset.num_train is None  # all 60,000
+    assert teacher["config"].dataset.name == "fashion_mnist" and teacher["config"].num_epochs == 2
     methods = [r for r in runs if r["group"] == "method"]
-    assert len(methods) == len(study.ALL_METHODS) * 3
-    assert set(study.ALL_METHODS) == set(configs.METHOD_WEIGHTS)  # the study covers every method of the library
-    ablation = [r for r in runs if r["group"] == "ablation"]
-    assert len(ablation) == len(study.ABLATION) * 3
-    local_only = next(r for r in ablation if r["label"].startswith("local only"))["config"]
-    assert local_only.method == "wcord" and local_only.wcord.lambda_global == 0.0
-    staged = next(r for r in methods if r["label"] == "ab")["config"]
-    assert staged.init_epochs == config.init_epochs and staged.num_epochs == config.student_epochs
-    assert all(r["config"].teacher.checkpoint == runs[0]["workdir"] for r in runs[1:])
+    assert [(r["label"], r["seed"]) for r in methods] == [(m, s) for m in ("none", "kd", "crd", "crdkd", "wcord",
+                                                                            "wcordkd") for s in (0, 1, 2)]
+    assert not [r for r in runs if r["group"] == "ablation"]
+    for r in methods:
+        cfg = r["config"]
+        assert cfg.model == "resnet8" and cfg.teacher.model == "resnet32" and cfg.method == r["label"]
+        assert cfg.num_epochs == 30 and cfg.dataset.num_train == 2000 and cfg.dataset.num_test == 5000
+        assert cfg.batch_size == 64 and cfg.seed == r["seed"] and cfg.teacher.checkpoint == teacher["workdir"]
+        assert cfg.crd.nce_k == 1024 and cfg.wcord.num_negatives == 1024
+        assert cfg.lr_schedule_epochs == 240  # the step decays scale with num_epochs
     assert len({r["workdir"] for r in runs}) == len(runs)
+    assert set(study.ALL_METHODS) == set(configs.METHOD_WEIGHTS)  # the presets cover every method of the library
+
+
+def test_ablation_preset_plan():
+    config = study.study_config("ablation")
+    runs = study.plan(config, "/w")
+    assert {r["label"] for r in runs if r["group"] == "method"} == {"none", "wcord"}
+    ablation = [r for r in runs if r["group"] == "ablation"]
+    assert len(ablation) == 8 * 3 and len({r["workdir"] for r in ablation}) == 24
+    expected = {
+        "old keys (key_heads=trained)": {"key_heads": "trained"},
+        "key momentum 0.99": {"key_momentum": 0.99},
+        "whole student queue": {"student_queue_fraction": 1.0},
+        "student anchors only": {"directions": "student", "student_queue_fraction": 1.0},
+        "in-batch negatives": {"negatives": "batch"},
+        "memory bank": {"negatives": "memory"},
+        "global only (lambda_local=0)": {"lambda_local": 0.0},
+        "local only (lambda_global=0)": {"lambda_global": 0.0},
+    }
+    assert study.ABLATION == expected
+    defaults = configs.distill_config("wcord", "resnet32", "resnet8").wcord
+    for r in ablation:
+        cfg = r["config"]
+        assert cfg.method == "wcord" and cfg.num_epochs == 30 and cfg.wcord.num_negatives == 1024
+        for key in defaults:  # the variant's overrides, the defaults elsewhere
+            want = expected[r["label"]].get(key, 1024 if key == "num_negatives" else defaults[key])
+            assert cfg.wcord[key] == want, (r["label"], key)
+    local_only = next(r for r in ablation if r["label"].startswith("local only"))["config"]
+    assert local_only.wcord.lambda_global == 0.0 and local_only.wcord.lambda_local == 1.0
+    assert 128 % config.batch_size == 0 and config.wcord_num_negatives % config.batch_size == 0
+
+
+def test_baselines_preset_plan():
+    runs = study.plan(study.study_config("baselines"), "/w")
+    labels = [r["label"] for r in runs if r["group"] == "method"]
+    assert labels == [m for m in ("none", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst",
+                                  "dkd") for _ in range(3)]
+    staged = next(r for r in runs if r["label"] == "ab")["config"]
+    assert staged.init_epochs == 4 and staged.num_epochs == 30  # RepDistiller's 30 of 240 epochs, rounded up
+
+
+def test_presets_share_runs_and_paths():
+    plans = {p: study.plan(study.study_config(p), "/w") for p in ("main", "ablation", "baselines")}
+    by_key = {}
+    for preset, runs in plans.items():
+        for r in runs:
+            by_key.setdefault((r["group"], r["label"], r["seed"]), []).append((r["workdir"], r["config"]))
+    shared = {k: v for k, v in by_key.items() if len(v) > 1}
+    assert {k[1] for k in shared} == {"resnet32", "none", "wcord"}
+    for key, versions in shared.items():  # the same workdir and the same run config in every preset
+        assert len({w for w, _ in versions}) == 1, key
+        assert len({c.to_json_best_effort() for _, c in versions}) == 1, key
+    all_dirs = [r["workdir"] for runs in plans.values() for r in runs]
+    assert len(set(all_dirs)) == len(by_key)  # different runs never share a workdir
+
+
+def test_presets_from_the_command_line_forms():
+    colon = study.study_config("ablation")
+    flag = study.resolve_config(study.study_config("main"), {"preset": "ablation", "seeds": (0,)})
+    assert flag.methods == colon.methods and flag.ablation and flag.seeds == (0,) and flag.preset == "ablation"
+    with pytest.raises(ValueError, match="valid: main, ablation, baselines, quick"):
+        study.study_config("nope")
+    bad = study.study_config("main")
+    bad.wcord_num_negatives = 1000
+    with pytest.raises(ValueError, match="multiple of batch_size"):
+        study.check_config(bad)
+    study.check_config(study.study_config("main"))
+
+
+def test_stale_runs_are_refused(tmp_path):
+    config = study.study_config("quick")
+    run = study.plan(config, str(tmp_path))[1]
+    assert study.stale_reason(run) is None
+    os.makedirs(run["workdir"])
+    other = run["config"].copy_and_resolve_references()
+    (tmp_path / "none" / "seed0" / "config.json").write_text(other.to_json_best_effort())
+    assert study.stale_reason(run) is None
+    other.wcord.key_momentum = 0.5  # a WCoRD setting does not concern the student alone ...
+    (tmp_path / "none" / "seed0" / "config.json").write_text(other.to_json_best_effort())
+    assert study.stale_reason(run) is None
+    other.num_epochs = 4
+    (tmp_path / "none" / "seed0" / "config.json").write_text(other.to_json_best_effort())
+    assert "num_epochs=4" in study.stale_reason(run)
+    wcord = next(r for r in study.plan(config, str(tmp_path)) if r["label"] == "wcord")  # ... but a WCoRD run
+    os.makedirs(wcord["workdir"])
+    changed = wcord["config"].copy_and_resolve_references()
+    changed.wcord.key_momentum = 0.5
+    with open(os.path.join(wcord["workdir"], "config.json"), "w") as f:
+        f.write(changed.to_json_best_effort())
+    assert "wcord.key_momentum=0.5" in study.stale_reason(wcord)
 
 
 def test_report_statistics_and_plots(tmp_path):
@@ -56,11 +152,38 @@ def test_report_statistics_and_plots(tmp_path):
         got_final = study._stats(results["methods"][method], "final")
         np.testing.assert_allclose(got_final, (finals.mean(), finals.std(ddof=1)), rtol=1e-9)
         np.testing.assert_allclose(study._stats(results["methods"][method], "best")[0], bests.mean(), rtol=1e-9)
-    table = (tmp_path / "results.md").read_text()
+    table = (tmp_path / "results_quick.md").read_text()
     none_final = np.array([curves[("none", s)][-1] for s in (0, 1, 2)]) * 100
     assert f"| none | 3 | {none_final.mean():.2f} ± {none_final.std(ddof=1):.2f} |" in table
-    for name in ("curves.png", "bars.png"):
+    for name in ("curves_quick.png", "bars_quick.png"):
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
-    saved = json.loads((tmp_path / "results.json").read_text())
+    saved = json.loads((tmp_path / "results_quick.json").read_text())
     assert saved["teacher"]["final"] == pytest.approx(curves[(config.teacher, 0)][-1])
+
+
+def test_main_and_ablation_reports_in_one_workdir(tmp_path):
+    rng = np.random.default_rng(1)
+    main, ablation = study.study_config("main"), study.study_config("ablation")
+    for config in (main, ablation):
+        for run in study.plan(config, str(tmp_path)):
+            if not os.path.exists(os.path.join(run["workdir"], "metrics.jsonl")):  # shared runs are written once
+                n = study._total_epochs(run["config"])
+                _fake_run(run["workdir"], list(np.linspace(0.6, 0.85, n) + rng.normal(0, 0.01, n)))
+    study.write_report(main, str(tmp_path))
+    main_files = {n: (tmp_path / n).read_bytes() for n in ("results.md", "results.json", "curves.png", "bars.png")}
+    results = study.write_report(ablation, str(tmp_path))
+    for name, data in main_files.items():  # the ablation report does not overwrite the main one
+        assert (tmp_path / name).read_bytes() == data
+    for name in ("curves_ablation.png", "bars_ablation.png"):
+        assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    main_md, ablation_md = (tmp_path / "results.md").read_text(), (tmp_path / "results_ablation.md").read_text()
+    assert "30 epochs on 2000 training images" in main_md.splitlines()[0]
+    assert all(f"| {m} | 3 |" in main_md for m in study.MAIN_METHODS) and "WCoRD ablation" not in main_md
+    assert "## WCoRD ablation" in ablation_md and "| wcord (defaults) | 3 |" in ablation_md
+    assert all(f"| {name} | 3 |" in ablation_md for name in study.ABLATION)
+    # the reference rows are the same runs in both tables
+    wcord_row = next(l for l in main_md.splitlines() if l.startswith("| wcord | "))
+    assert wcord_row.split("|")[3] == next(l for l in ablation_md.splitlines()
+                                           if l.startswith("| wcord (defaults) |")).split("|")[3]
+    assert sorted(results["ablation"]) == sorted(study.ABLATION)

@@ -1,21 +1,41 @@
-"""A distillation accuracy study: one teacher, every method over several seeds, a WCoRD ablation, tables and plots.
+"""The distillation accuracy study: one teacher, the methods over several seeds, a WCoRD ablation, tables and plots.
 
-    python -m wcord_jax.experiments.study --config configs/study.py --workdir runs/study
+    python -m wcord_jax.experiments.study --config configs/study.py --workdir runs/study            # preset main
+    python -m wcord_jax.experiments.study --config configs/study.py:ablation --workdir runs/study   # or
+    python -m wcord_jax.experiments.study --config configs/study.py --config.preset=ablation --workdir runs/study
+
+Protocol (Fashion-MNIST, offline): a resnet32 teacher trained for 2 epochs on all 60,000 training images; resnet8
+students distilled for 30 epochs on a 2,000-image subset (batch 64; the recipe's step decays scale with the run
+length through lr_schedule_epochs), test top-1 on 5,000 test images, seeds 0, 1, 2; CRD and WCoRD with 1,024
+negatives. Every value is a config field (`--config.student_epochs=...`). Presets (`preset`):
+
+* `main` (default): none, kd, crd, crdkd, wcord, wcordkd;
+* `ablation`: the WCoRD variants of `ABLATION` (method wcord with wcord.* overrides), with none and wcord (defaults)
+  as reference rows;
+* `baselines`: none and RepDistiller's 12 baselines plus DKD (`BASELINES`);
+* `quick`: a smoke run on tiny synthetic data (1 seed; none, kd, crd, wcord, ab).
 
 Each run is an ordinary run of the library (`train.train_and_evaluate` / `distill.distill_and_evaluate`) in its own
-workdir under WORKDIR, so the study resumes where it stopped: finished runs are skipped and an interrupted one
-resumes from its checkpoint. At the end (and with `--report_only`) it writes
+workdir under WORKDIR: `teacher_<model>/`, `<method>/seed<N>/`, `ablation/<variant>/seed<N>/`. The path depends only
+on the method (or variant) and the seed, so presets run in one WORKDIR share the teacher and their common runs
+(`ablation` after `main` trains only the variants). The study resumes where it stopped: finished runs are skipped and
+an interrupted one resumes from its checkpoint; a run whose config.json disagrees with the plan (another protocol in
+the same WORKDIR) is an error. At the end (and with `--report_only`) it writes, for the preset's runs, with the suffix
+"" for `main` and `_<preset>` for the others (so presets in one WORKDIR do not overwrite each other's tables):
 
-* `results.json`: every run's final-epoch and best-epoch test top-1 and its per-epoch curve;
-* `results.md`: mean ± std over seeds of final and best top-1 per method, and the ablation table;
-* `curves.png`: mean test top-1 per epoch per method; `bars.png`: final top-1 per method (mean ± std).
+* `results<suffix>.json`: every run's final-epoch and best-epoch test top-1 and its per-epoch curve;
+* `results<suffix>.md`: mean ± sample std over seeds of final and best top-1 per method, the difference from the
+  student alone, and (preset `ablation`) the ablation table;
+* `curves<suffix>.png`: test top-1 per epoch of the main table's methods among the preset's runs (mean over seeds,
+  shaded ± 1 std, teacher dashed), written when there are at least two of them (not for `baselines`);
+* `bars<suffix>.png`: final top-1 (mean ± std) of every row of the preset's tables.
 """
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
-import sys
 import time
 from typing import Optional
 
@@ -26,49 +46,89 @@ from wcord_jax import configs as configs_lib
 
 log = logging.getLogger("wcord_jax")
 
-ALL_METHODS = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt",
-               "ab", "ft", "fsp", "nst", "dkd")
-# name -> wcord.* overrides; each is run with method wcord over the study's seeds.
+MAIN_METHODS = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd")
+BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd")
+ALL_METHODS = MAIN_METHODS + BASELINES
+# name -> wcord.* overrides of the defaults (EMA key heads, m = 0.999, both directions, the newest 1/8 of the student
+# queue for teacher anchors); each is run with method wcord over the study's seeds (preset ablation).
 ABLATION = {
+    "old keys (key_heads=trained)": {"key_heads": "trained"},
+    "key momentum 0.99": {"key_momentum": 0.99},
+    "whole student queue": {"student_queue_fraction": 1.0},
+    "student anchors only": {"directions": "student", "student_queue_fraction": 1.0},
+    "in-batch negatives": {"negatives": "batch"},
+    "memory bank": {"negatives": "memory"},
     "global only (lambda_local=0)": {"lambda_local": 0.0},
     "local only (lambda_global=0)": {"lambda_global": 0.0},
-    "lambda_local=0.5": {"lambda_local": 0.5},
-    "lambda_local=2": {"lambda_local": 2.0},
-    "epsilon=0.02": {"epsilon": 0.02},
-    "epsilon=0.2": {"epsilon": 0.2},
 }
+# preset -> (methods, ablation)
+PRESETS = {
+    "main": (MAIN_METHODS, False),
+    "ablation": (("none", "wcord"), True),
+    "baselines": (("none",) + BASELINES, False),
+    "quick": (("none", "kd", "crd", "wcord", "ab"), False),
+}
+# One colour per method of the main table (curves.png).
+COLORS = {"none": "tab:gray", "kd": "tab:green", "crd": "tab:blue", "crdkd": "tab:purple", "wcord": "tab:red",
+          "wcordkd": "tab:orange"}
 
 
-def study_config(preset: str = "full") -> ml_collections.ConfigDict:
-    if preset not in ("full", "quick"):
-        raise ValueError(f"unknown study preset {preset!r}; valid: full, quick")
+def study_config(preset: str = "main") -> ml_collections.ConfigDict:
+    if preset not in PRESETS:
+        raise ValueError(f"unknown study preset {preset!r}; valid: {', '.join(PRESETS)}")
     c = ml_collections.ConfigDict()
     c.preset = preset
     c.dataset = "fashion_mnist"
-    c.teacher = "resnet8"
+    c.teacher = "resnet32"
     c.student = "resnet8"
     c.teacher_epochs = 2
     c.teacher_num_train = ml_collections.FieldReference(None, field_type=int)  # None: the whole training split
-    c.student_epochs = 4
-    c.student_num_train = 3000
+    c.student_epochs = 30
+    c.student_num_train = 2000
     c.num_test = 5000
-    c.init_epochs = 1  # AB / FT / FSP init stage (RepDistiller: 30 of 240 epochs, i.e. 1/8 of the run, rounded up)
+    # AB / FT / FSP init stage; None: RepDistiller's 30 of 240 epochs, i.e. 1/8 of student_epochs rounded up.
+    c.init_epochs = ml_collections.FieldReference(None, field_type=int)
     c.seeds = (0, 1, 2)
-    c.methods = ALL_METHODS
-    c.ablation = True
-    c.crd_nce_k = 2048  # negatives per anchor for CRD (RepDistiller: 16384 of 50,000; here the subset is 3,000)
-    c.wcord_num_negatives = 2048  # WCoRD queue length, for the same reason
+    c.methods, c.ablation = PRESETS[preset]
+    c.crd_nce_k = 1024  # negatives per anchor for CRD (RepDistiller: 16384 of 50,000; here the subset is 2,000)
+    c.wcord_num_negatives = 1024  # WCoRD queue length: a multiple of batch_size, at most student_num_train
     c.batch_size = 64
     c.extra = ml_collections.ConfigDict()  # any further config key for every student run, e.g. extra.dtype
     if preset == "quick":
         c.dataset = "synthetic"
+        c.teacher = "resnet8"
         c.teacher_epochs, c.student_epochs = 1, 1
         c.teacher_num_train, c.student_num_train, c.num_test = 256, 128, 64
+        c.init_epochs = 1
         c.seeds = (0,)
-        c.methods = ("none", "kd", "crd", "wcord", "ab")
         c.crd_nce_k = c.wcord_num_negatives = 64
         c.batch_size = 32
     return c
+
+
+def resolve_config(config, overrides: dict) -> ml_collections.ConfigDict:
+    """The study config of preset `overrides.get('preset', config.preset)` with the other command-line overrides
+    (`--config.KEY=VALUE`, flattened) applied: `--config.preset=P` then means the same as `configs/study.py:P`."""
+    preset = overrides.get("preset", config.preset)
+    fresh = study_config(preset)
+    fresh.update_from_flattened_dict({k: v for k, v in overrides.items() if k != "preset"})
+    return fresh
+
+
+def check_config(config) -> None:
+    """One-line ValueErrors for settings the runs would reject or misuse."""
+    unknown = [m for m in config.methods if m not in ALL_METHODS]
+    if unknown:
+        raise ValueError(f"unknown method {unknown[0]!r}; valid: {', '.join(ALL_METHODS)}")
+    k, b, n = config.wcord_num_negatives, config.batch_size, config.student_num_train
+    if k % b or k > n:
+        raise ValueError(f"wcord_num_negatives={k} must be a multiple of batch_size={b} and at most "
+                         f"student_num_train={n}")
+
+
+def suffix(config) -> str:
+    """File-name suffix of the preset's tables and plots: '' for main, '_<preset>' otherwise."""
+    return "" if config.preset == "main" else f"_{config.preset}"
 
 
 def _dataset(config, cfg, num_train):
@@ -89,6 +149,10 @@ def teacher_run_config(config) -> ml_collections.ConfigDict:
     return cfg
 
 
+def init_epochs(config) -> int:
+    return config.init_epochs if config.init_epochs is not None else math.ceil(config.student_epochs / 8)
+
+
 def student_run_config(config, method: str, seed: int, teacher_dir: str,
                        wcord_overrides: Optional[dict] = None) -> ml_collections.ConfigDict:
     cfg = configs_lib.distill_config(method, config.teacher, config.student)
@@ -99,7 +163,7 @@ def student_run_config(config, method: str, seed: int, teacher_dir: str,
     cfg.seed = seed
     cfg.progress_bar = False
     if method in configs_lib.STAGED_METHODS:
-        cfg.init_epochs = config.init_epochs
+        cfg.init_epochs = init_epochs(config)
     cfg.crd.nce_k = config.crd_nce_k
     cfg.crd.sample_with_replacement = True  # the faster documented option (RepDistiller draws without replacement)
     cfg.wcord.num_negatives = config.wcord_num_negatives
@@ -115,7 +179,9 @@ def _slug(name: str) -> str:
 
 
 def plan(config, workdir: str) -> list[dict]:
-    """Every run of the study: {'group', 'label', 'seed', 'workdir', 'config'} (the teacher first)."""
+    """Every run of the preset: {'group', 'label', 'seed', 'workdir', 'config'} (the teacher first).
+
+    A run's workdir depends only on its method (or ablation variant) and seed, not on the preset."""
     teacher_dir = os.path.join(workdir, f"teacher_{config.teacher}")
     runs = [{"group": "teacher", "label": config.teacher, "seed": 0, "workdir": teacher_dir,
              "config": teacher_run_config(config)}]
@@ -131,6 +197,50 @@ def plan(config, workdir: str) -> list[dict]:
                              "workdir": os.path.join(workdir, "ablation", _slug(name), f"seed{seed}"),
                              "config": student_run_config(config, "wcord", seed, teacher_dir, overrides)})
     return runs
+
+
+# The settings a finished or interrupted run must share with the plan to be reused.
+_MATCH_KEYS = ("task", "model", "method", "seed", "num_epochs", "batch_size", "init_epochs", "dataset.name",
+               "dataset.num_train", "dataset.num_test", "crd.nce_k", "wcord")
+
+
+def _first_difference(old, new, path: str) -> Optional[tuple]:
+    """(path, old value, new value) of the first leaf present in both that differs, or None."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) & set(new)):
+            found = _first_difference(old[key], new[key], f"{path}.{key}" if path else key)
+            if found:
+                return found
+        return None
+    if old is not None and new is not None and old != new:
+        return path, old, new
+    return None
+
+
+def _lookup(tree, path: str):
+    for part in path.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return None
+        tree = tree[part]
+    return tree
+
+
+def stale_reason(run: dict) -> Optional[str]:
+    """Why the run's workdir holds a run of another protocol (its config.json disagrees with the plan), or None."""
+    path = os.path.join(run["workdir"], "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as f:
+        old = json.load(f)
+    new = json.loads(run["config"].to_json_best_effort())
+    for key in _MATCH_KEYS:
+        if key == "wcord" and new.get("method") not in ("wcord", "wcordkd"):
+            continue  # the other methods do not read wcord.*: a changed WCoRD default leaves their runs valid
+        found = _first_difference(_lookup(old, key), _lookup(new, key), key)
+        if found:
+            return f"{run['workdir']} holds a run with {found[0]}={json.dumps(found[1])}, the study plans " \
+                   f"{json.dumps(found[2])}"
+    return None
 
 
 def read_curve(run_dir: str) -> list[float]:
@@ -155,6 +265,10 @@ def run_all(config, workdir: str) -> None:
     from wcord_jax import distill, train
 
     runs = plan(config, workdir)
+    for run in runs:
+        reason = stale_reason(run)
+        if reason:
+            raise train.ConfigError(f"{reason}: use another --workdir")
     start = time.time()
     for i, run in enumerate(runs, 1):
         cfg = run["config"]
@@ -169,11 +283,17 @@ def run_all(config, workdir: str) -> None:
 
 
 def collect(config, workdir: str) -> dict:
-    """The results of every finished run, grouped: {'teacher': ..., 'methods': {...}, 'ablation': {...}}."""
+    """The results of the preset's finished runs, grouped: {'teacher': ..., 'methods': {...}, 'ablation': {...}}.
+
+    Runs of another protocol (`stale_reason`) are left out with a warning."""
     out = {"teacher": None, "methods": {}, "ablation": {}}
     for run in plan(config, workdir):
         curve = read_curve(run["workdir"])
         if len(curve) < _total_epochs(run["config"]):
+            continue
+        reason = stale_reason(run)
+        if reason:
+            log.warning("left out of the report: %s", reason)
             continue
         entry = {"seed": run["seed"], "final": curve[-1], "best": max(curve), "curve": curve}
         if run["group"] == "teacher":
@@ -199,93 +319,144 @@ def _table(groups: dict, baseline: Optional[float]) -> list[str]:
     return lines
 
 
+def _ablation_rows(results: dict) -> dict:
+    """The ablation table's rows: wcord with its defaults (when run), then the variants."""
+    groups = {}
+    if "wcord" in results["methods"]:
+        groups["wcord (defaults)"] = results["methods"]["wcord"]
+    groups.update(results["ablation"])
+    return groups
+
+
 def write_report(config, workdir: str) -> dict:
     results = collect(config, workdir)
-    with open(os.path.join(workdir, "results.json"), "w", encoding="utf-8") as f:
+    end = suffix(config)
+    with open(os.path.join(workdir, f"results{end}.json"), "w", encoding="utf-8") as f:
         json.dump({"config": json.loads(config.to_json_best_effort()), **results}, f, indent=1)
     baseline = _stats(results["methods"]["none"], "final")[0] if "none" in results["methods"] else None
-    lines = [f"# Distillation study on {config.dataset}", ""]
+    lines = [f"# Distillation study on {config.dataset} (preset {config.preset}): {config.student} students, "
+             f"{config.student_epochs} epochs on {config.student_num_train} training images", ""]
     if results["teacher"]:
         t = results["teacher"]
         lines.append(f"Teacher {t['model']}: test top-1 {100 * t['final']:.2f}% after {config.teacher_epochs} "
                      f"epochs on {config.teacher_num_train or 'all'} training images.")
     lines += [f"Students: {config.student}, {config.student_epochs} epochs on {config.student_num_train} training "
               f"images, test top-1 on {config.num_test} test images; mean ± sample std over seeds "
-              f"{', '.join(map(str, config.seeds))}.", "", "## Methods", ""]
+              f"{', '.join(map(str, config.seeds))}; CRD {config.crd_nce_k} and WCoRD {config.wcord_num_negatives} "
+              f"negatives.", "", "## Methods", ""]
     lines += _table(results["methods"], baseline)
     if results["ablation"]:
         lines += ["", "## WCoRD ablation", ""]
-        groups = dict(results["ablation"])
-        if "wcord" in results["methods"]:
-            groups = {"wcord (defaults)": results["methods"]["wcord"], **groups}
-        lines += _table(groups, baseline)
-    with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+        lines += _table(_ablation_rows(results), baseline)
+    with open(os.path.join(workdir, f"results{end}.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
-    _plots(results, workdir)
+    _plots(config, results, workdir)
     return results
 
 
-def _plots(results: dict, workdir: str) -> None:
+def _curves_plot(config, results: dict, path: str) -> bool:
+    """Mean test top-1 per epoch of the main table's methods, ±1 std shaded, teacher dashed. False if < 2 methods."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    methods = results["methods"]
-    if not methods:
-        return
+    shown = [m for m in MAIN_METHODS if m in results["methods"]]
+    if len(shown) < 2:
+        return False
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot(1, 1, 1)
-    for label, entries in methods.items():
-        curves = np.array([e["curve"] for e in entries]) * 100.0
-        epochs = np.arange(1, curves.shape[1] + 1)
-        ax.plot(epochs, curves.mean(0), marker="o", markersize=3, label=label,
-                linewidth=2.0 if label in ("none", "wcord", "wcordkd", "crd") else 1.0)
+    low, high, last_epoch = math.inf, -math.inf, 1
+    for method in shown:
+        entries = results["methods"][method]
+        n = min(len(e["curve"]) for e in entries)
+        curves = np.array([e["curve"][:n] for e in entries]) * 100.0
+        mean = curves.mean(0)
+        std = curves.std(0, ddof=1) if len(curves) > 1 else np.zeros_like(mean)
+        epochs = np.arange(1, n + 1)
+        color = COLORS[method]
+        ax.plot(epochs, mean, color=color, linewidth=1.8, marker="o" if n <= 12 else None, markersize=3,
+                label=f"{method} (n={len(entries)})")
+        ax.fill_between(epochs, mean - std, mean + std, color=color, alpha=0.18, linewidth=0)
+        half = n // 2  # zoom on the second half of training, where the methods separate
+        low, high = min(low, float(mean[half:].min())), max(high, float((mean + std)[half:].max()))
+        last_epoch = max(last_epoch, n)
+    span = high - low
     if results["teacher"]:
-        ax.axhline(100 * results["teacher"]["final"], color="k", linestyle="--", linewidth=1, label="teacher")
+        teacher = 100 * results["teacher"]["final"]
+        label = f"teacher {results['teacher']['model']} ({teacher:.2f}%)"
+        if low - max(3.0, span) <= teacher <= high + max(3.0, span):
+            low, high = min(low, teacher), max(high, teacher)
+        else:  # far off: keep the zoom on the students, say where the teacher is
+            label += ", off the scale"
+        ax.axhline(teacher, color="k", linestyle="--", linewidth=1.2, label=label)
+    margin = max(0.5, 0.08 * (high - low))
+    ax.set_ylim(low - margin, high + margin)
+    ax.set_xlim(*((1, last_epoch) if last_epoch > 1 else (0.5, 1.5)))
     ax.set_xlabel("epoch")
-    ax.set_ylabel("test top-1 (%), mean over seeds")
-    ax.legend(fontsize=7, ncol=3)
+    ax.set_ylabel("test top-1 (%)")
+    ax.set_title(f"{config.student} students, {config.student_epochs} epochs on {config.student_num_train} images "
+                 f"(mean ± 1 std over seeds)", fontsize=10)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=9)
     ax.grid(alpha=0.3)
     FigureCanvasAgg(fig)
-    fig.savefig(os.path.join(workdir, "curves.png"), dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return True
 
-    fig = Figure(figsize=(9, 4))
-    ax = fig.add_subplot(1, 1, 1)
-    labels = list(methods)
-    means = [_stats(methods[k], "final")[0] for k in labels]
-    stds = [_stats(methods[k], "final")[1] for k in labels]
-    colors = ["tab:gray" if k == "none" else "tab:red" if k.startswith("wcord") else
+
+def _bars_plot(groups: dict, path: str) -> None:
+    """Final top-1 (mean ± std over seeds) per row, the student alone as a dotted line."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    labels = list(groups)
+    means = [_stats(groups[k], "final")[0] for k in labels]
+    stds = [_stats(groups[k], "final")[1] for k in labels]
+    colors = ["tab:gray" if k == "none" else "salmon" if k in ABLATION else "tab:red" if k.startswith("wcord") else
               "tab:blue" if k.startswith("crd") else "tab:green" for k in labels]
+    fig = Figure(figsize=(max(6.0, 0.6 * len(labels) + 2.0), 4))
+    ax = fig.add_subplot(1, 1, 1)
     ax.bar(labels, means, yerr=stds, color=colors, capsize=3)
-    if "none" in methods:
+    if "none" in groups:
         ax.axhline(means[labels.index("none")], color="tab:gray", linestyle=":", linewidth=1)
     low = min(m - s for m, s in zip(means, stds))
     ax.set_ylim(max(0.0, low - 2.0), max(m + s for m, s in zip(means, stds)) + 1.0)
     ax.set_ylabel("final test top-1 (%)")
     ax.tick_params(axis="x", rotation=45)
+    for tick in ax.get_xticklabels():
+        tick.set_horizontalalignment("right")
     ax.grid(axis="y", alpha=0.3)
     FigureCanvasAgg(fig)
-    fig.savefig(os.path.join(workdir, "bars.png"), dpi=120, bbox_inches="tight")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+
+
+def _plots(config, results: dict, workdir: str) -> None:
+    end = suffix(config)
+    _curves_plot(config, results, os.path.join(workdir, f"curves{end}.png"))
+    groups = dict(results["methods"])
+    if results["ablation"]:
+        groups = {k: v for k, v in groups.items() if k != "wcord"}
+        groups.update(_ablation_rows(results))
+    if groups:
+        _bars_plot(groups, os.path.join(workdir, f"bars{end}.png"))
 
 
 def main(argv: list[str]) -> None:
     from absl import flags
 
+    from wcord_jax import main as cli
     from wcord_jax import train
 
     del argv
-    config = _CONFIG.value
-    workdir = flags.FLAGS.workdir
+    overrides = dict(flags.FLAGS["config"].override_values) if cli._CONFIG.value is not None else {}  # noqa: SLF001
+    try:
+        config = resolve_config(cli._CONFIG.value or study_config(), overrides)  # noqa: SLF001
+        check_config(config)
+    except OSError as e:  # config_flags defers a missing or broken config file until first use
+        cli._fail(f"cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")  # noqa: SLF001
+    except (ValueError, KeyError, AttributeError, TypeError) as e:
+        cli._fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)  # noqa: SLF001
+    workdir = flags.FLAGS.workdir or "runs/study"
     os.makedirs(workdir, exist_ok=True)
-    unknown = [m for m in config.methods if m not in ALL_METHODS]
-    if unknown:
-        print(f"error: unknown method {unknown[0]!r}; valid: {', '.join(ALL_METHODS)}", file=sys.stderr)
-        sys.exit(2)
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
-    log.handlers[:] = [handler]
-    log.setLevel(logging.INFO)
-    log.propagate = False
-    logging.getLogger("absl").setLevel(logging.WARNING)
+    cli._setup_logging()  # noqa: SLF001
     # The runs of one method differ only in their seeds: compile each program once, keep it for the other seeds
     # (and for a resumed study).
     import jax
@@ -296,25 +467,27 @@ def main(argv: list[str]) -> None:
         try:
             run_all(config, workdir)
         except train.ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            sys.exit(2)
+            cli._fail(str(e))  # noqa: SLF001
     write_report(config, workdir)
-    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+    with open(os.path.join(workdir, f"results{suffix(config)}.md"), encoding="utf-8") as f:
         print(f.read())
 
 
-def _define_flags():
+def _define_flags() -> None:
+    """main.py's --config (default: configs/study.py) and --workdir (default: runs/study), plus --report_only."""
     from absl import flags
-    from ml_collections import config_flags
 
-    cfg = config_flags.DEFINE_config_file("config", "configs/study.py", "Study config file (configs/study.py).")
-    flags.DEFINE_string("workdir", "runs/study", "Where the runs, tables and plots go.")
+    from wcord_jax import main as cli  # noqa: F401  (defines --config and --workdir, with one-line errors)
+
     flags.DEFINE_bool("report_only", False, "Only (re)write the tables and plots from the finished runs.")
-    return cfg
+    flags.FLAGS.set_default("config", "configs/study.py")
+    flags.FLAGS.set_default("workdir", "runs/study")
 
 
 if __name__ == "__main__":
     from absl import app
 
-    _CONFIG = _define_flags()
-    app.run(main)
+    from wcord_jax import main as _cli
+
+    _define_flags()
+    app.run(main, flags_parser=_cli.parse_flags)
