@@ -122,6 +122,10 @@ def test_curves_writes_a_png(runs, tmp_path):
                     "--metric", "eval/loss")
     assert out.returncode == 0, out.stderr
     _assert_png(tmp_path / "sub" / "two.png")
+    # Chosen term panels only; a term no run logged is a clear error.
+    _assert_png(pictures.plot_curves([teacher, student], str(tmp_path / "terms.png"), terms=["kd"]))
+    with pytest.raises(pictures.PictureError, match="no run logged train/wcord_global; logged terms: ce, kd"):
+        pictures.plot_curves([student], str(tmp_path / "x.png"), terms=["kd", "wcord_global"])
 
 
 def test_correlation_writes_a_png_and_prints_the_mean(runs, tmp_path):

@@ -1,10 +1,12 @@
 """Pictures of finished runs: training curves and the CRD correlation-difference figure.
 
     python -m wcord_jax.pictures curves WORKDIR [WORKDIR ...] --out curves.png [--metric eval/top1] [--labels A B ..]
+        [--terms TERM ...]
     python -m wcord_jax.pictures correlation --teacher TEACHER_WORKDIR --student STUDENT_WORKDIR --out corr.png [--json]
 
 `curves` reads each run's `metrics.jsonl`: the chosen metric (test top-1 by default) per epoch, the train loss per
-logged step and, for distillation runs, each loss term `train/<term>` in a small panel of its own.
+logged step and, for distillation runs, each loss term `train/<term>` in a small panel of its own (`--terms` picks
+them, e.g. `--terms wcord_global emb_teacher_cos emb_student_cos emb_pos_cos`).
 
 `correlation` is Fig. 2/3 of Tian, Krishnan & Isola (CRD, ICLR 2020): the teacher's and the student's class logits on
 the test split, the Pearson correlation between every pair of logit columns across the test examples for each, and
@@ -120,8 +122,9 @@ def _line(ax, xs, ys, colour: str, label: str) -> None:
 
 
 def plot_curves(workdirs: Sequence[str], out: str, labels: Optional[Sequence[str]] = None,
-                metric: str = "eval/top1") -> str:
-    """Draws the runs' curves into `out` and returns its path. Raises PictureError for unusable input."""
+                metric: str = "eval/top1", terms: Optional[Sequence[str]] = None) -> str:
+    """Draws the runs' curves into `out` and returns its path: the metric, the train loss and one small panel per
+    logged term (`train/<term>`; only `terms`, in that order, when given). Raises PictureError for unusable input."""
     if not workdirs:
         raise PictureError("give at least one workdir")
     if labels is None:
@@ -133,11 +136,16 @@ def plot_curves(workdirs: Sequence[str], out: str, labels: Optional[Sequence[str
         known = sorted({k for recs in runs for r in recs for k in r if k not in ("step", "epoch")})
         raise PictureError(f"no run logged {metric!r}; logged: {', '.join(known)}")
 
-    terms: list[str] = []
+    logged: list[str] = []
     for recs in runs:
-        terms += [t for t in loss_terms(recs) if t not in terms]
-    if set(terms) <= {"ce"}:  # runs trained with cross-entropy alone: train/ce is train/loss
-        terms = []
+        logged += [t for t in loss_terms(recs) if t not in logged]
+    if terms is not None:
+        missing = [t for t in terms if t not in logged]
+        if missing:
+            raise PictureError(f"no run logged train/{missing[0]}; logged terms: {', '.join(logged)}")
+        terms = list(terms)
+    else:
+        terms = [] if set(logged) <= {"ce"} else logged  # cross-entropy alone: train/ce is train/loss
     per_row = 4
     term_rows = math.ceil(len(terms) / per_row)
     from matplotlib.ticker import MaxNLocator
@@ -387,6 +395,8 @@ def build_parser() -> argparse.ArgumentParser:
     curves.add_argument("--out", required=True, help="the image to write (e.g. curves.png)")
     curves.add_argument("--metric", default="eval/top1", help="the first panel's metric (default eval/top1)")
     curves.add_argument("--labels", nargs="+", help="legend names, one per workdir (default: their basenames)")
+    curves.add_argument("--terms", nargs="+", metavar="TERM",
+                        help="the train/TERM panels to draw, in this order (default: every logged term)")
     corr = sub.add_parser("correlation", help="|corr_t - corr_s| of the class logits (CRD Fig. 2/3)")
     corr.add_argument("--teacher", help="the teacher's workdir (default: the student run's teacher.checkpoint)")
     corr.add_argument("--student", required=True, help="the student's workdir (a distillation run, or any run)")
@@ -401,7 +411,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         if args.command == "curves":
-            print(f"wrote {plot_curves(args.workdirs, args.out, args.labels, args.metric)}")
+            print(f"wrote {plot_curves(args.workdirs, args.out, args.labels, args.metric, args.terms)}")
         else:
             if args.batch_size <= 0:
                 raise PictureError("--batch-size must be positive")
