@@ -217,3 +217,17 @@ def test_a_few_steps_lower_each_term_of_the_method(teacher_dir, method):
     before, after = jax.device_get(before), jax.device_get(after)
     for term in METHOD_TERMS[method]:
         assert after[term][0] < before[term][0], (term, before[term], after[term])
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("negatives", "bank", "unknown wcord.negatives 'bank'; valid: queue, batch, memory"),
+    ("key_heads", "frozen", "unknown wcord.key_heads 'frozen'; valid: ema, trained"),
+    ("directions", "teacher", "unknown wcord.directions 'teacher'; valid: both, student"),
+    ("key_momentum", 1.0, r"wcord.key_momentum must be in \[0, 1\), got 1.0"),
+    ("student_queue_fraction", 0.0, r"wcord.student_queue_fraction must be in \(0, 1\], got 0.0"),
+])
+def test_bad_wcord_settings_are_one_clear_error(key, value, message):
+    config = _distill_config("wcord", "/nonexistent")
+    config.wcord[key] = value
+    with pytest.raises(train.ConfigError, match=f"^{message}$"):
+        distill.validate(config, 1)

@@ -3,8 +3,8 @@
 `distill_step` is the whole step on one device's shard of the global batch (inside `jax.shard_map` over `data`):
 the teacher forward in inference mode, the student forward and backward, the method's extra modules (embedding
 heads, regressors, connectors, ...), every loss term, the optimizer update (student and trainable modules only) and
-the state updates (CRD memories, WCoRD queues, spectral-norm vectors, the modules' BatchNorm statistics). Every loss
-is the global-batch loss, identical on every device, so 1 and D devices take the same step.
+the state updates (CRD memories, WCoRD queues and momentum key heads, spectral-norm vectors, the modules' BatchNorm
+statistics). Every loss is the global-batch loss, identical on every device, so 1 and D devices take the same step.
 
 Total loss, as RepDistiller: gamma * CE + alpha * KD + beta * method, where method is the method's own term (CRD's
 NCE loss, WCoRD's lambda_global * global + lambda_local * local, a baseline's loss). AB, FT and FSP first run
@@ -41,7 +41,7 @@ WCORD_METHODS = ("wcord", "wcordkd")
 _METHOD_STREAM, _HEADS_STREAM, _STATE_STREAM = 3, 4, 5
 _LIPSCHITZ = ("spectral", "gradient_penalty", "none")
 _NEGATIVES = ("queue", "batch", "memory")
-_KEYS = ("ema", "trained")
+_KEY_HEADS = ("ema", "trained")
 _DIRECTIONS = ("both", "student")
 _LOCAL_GRADIENTS = {"implicit": "dense", "unrolled": False, "stop_plan": None}
 # The student's classifier, by the zoo's parameter names; the init stages of AB and FSP train everything else.
@@ -116,7 +116,7 @@ def validate(config, num_devices: int) -> None:
         raise ConfigError(f"unknown wcord.local_gradient {w.local_gradient!r}; valid: {', '.join(_LOCAL_GRADIENTS)}")
     if w.local_scope not in ("global", "device"):
         raise ConfigError(f"unknown wcord.local_scope {w.local_scope!r}; valid: global, device")
-    for key, valid in (("negatives", _NEGATIVES), ("key_heads", _KEYS), ("directions", _DIRECTIONS)):
+    for key, valid in (("negatives", _NEGATIVES), ("key_heads", _KEY_HEADS), ("directions", _DIRECTIONS)):
         if w[key] not in valid:
             raise ConfigError(f"unknown wcord.{key} {w[key]!r}; valid: {', '.join(valid)}")
     if not 0.0 <= w.key_momentum < 1.0:
