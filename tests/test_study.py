@@ -27,8 +27,9 @@ def test_main_preset_plan():
     assert teacher["config"].model == "resnet32" and teacher["config"].dataset.num_train is None  # all 60,000
     assert teacher["config"].dataset.name == "fashion_mnist" and teacher["config"].num_epochs == 2
     methods = [r for r in runs if r["group"] == "method"]
-    assert [(r["label"], r["seed"]) for r in methods] == [(m, s) for m in ("none", "kd", "crd", "crdkd", "wcord",
-                                                                            "wcordkd") for s in (0, 1, 2)]
+    assert [(r["label"], r["seed"]) for r in methods] == [(m, s) for s in (0, 1, 2) for m in ("none", "kd", "crd",
+                                                                                               "crdkd", "wcord",
+                                                                                               "wcordkd")]
     assert not [r for r in runs if r["group"] == "ablation"]
     for r in methods:
         cfg = r["config"]
@@ -73,8 +74,8 @@ def test_ablation_preset_plan():
 def test_baselines_preset_plan():
     runs = study.plan(study.study_config("baselines"), "/w")
     labels = [r["label"] for r in runs if r["group"] == "method"]
-    assert labels == [m for m in ("none", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst",
-                                  "dkd") for _ in range(3)]
+    assert labels == [m for _ in range(3) for m in ("none", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
+                                                    "fsp", "nst", "dkd")]
     staged = next(r for r in runs if r["label"] == "ab")["config"]
     assert staged.init_epochs == 4 and staged.num_epochs == 30  # RepDistiller's 30 of 240 epochs, rounded up
 

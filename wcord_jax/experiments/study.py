@@ -185,14 +185,15 @@ def plan(config, workdir: str) -> list[dict]:
     teacher_dir = os.path.join(workdir, f"teacher_{config.teacher}")
     runs = [{"group": "teacher", "label": config.teacher, "seed": 0, "workdir": teacher_dir,
              "config": teacher_run_config(config)}]
-    for method in config.methods:
-        for seed in config.seeds:
+    # Seed by seed, so that a study stopped early has every method on its first seeds.
+    for seed in config.seeds:
+        for method in config.methods:
             runs.append({"group": "method", "label": method, "seed": seed,
                          "workdir": os.path.join(workdir, method, f"seed{seed}"),
                          "config": student_run_config(config, method, seed, teacher_dir)})
     if config.ablation:
-        for name, overrides in ABLATION.items():
-            for seed in config.seeds:
+        for seed in config.seeds:
+            for name, overrides in ABLATION.items():
                 runs.append({"group": "ablation", "label": name, "seed": seed,
                              "workdir": os.path.join(workdir, "ablation", _slug(name), f"seed{seed}"),
                              "config": student_run_config(config, "wcord", seed, teacher_dir, overrides)})
