@@ -4,7 +4,98 @@ This must run before JAX initialises its backends, hence the environment variabl
 """
 import os
 
+import pytest
+
 _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+
+def shrink(config, *, num_train=64, num_test=32, image_size=16, num_classes=4, batch_size=16, log_every_steps=1,
+           **overrides):
+    """`config` (a teacher or distill config) on a small synthetic data set, one epoch, no progress bar; CRD and
+    WCoRD get memories and queues that fit it. `overrides` are flattened keys (`wcord.negatives='batch'`)."""
+    d = config.dataset
+    d.name = "synthetic"
+    d.num_train, d.num_test, d.image_size, d.num_classes = num_train, num_test, image_size, num_classes
+    config.batch_size = config.eval_batch_size = batch_size
+    config.num_epochs = 1
+    config.log_every_steps = log_every_steps
+    config.progress_bar = False
+    if "crd" in config:
+        config.crd.nce_k = 32
+        config.wcord.num_negatives = 64
+    for key, value in overrides.items():
+        node = config
+        *path, leaf = key.split(".")
+        for part in path:
+            node = node[part]
+        node[leaf] = value
+    return config
+
+
+# A teacher with 4x the student's channels, so the regressors and connectors are real layers; FSP needs equal
+# channel counts and gets a teacher of the student's architecture.
+SMALL_TEACHER = {"fsp": "resnet8"}
+
+
+def train_small_teachers(root) -> dict:
+    """resnet8 and resnet8x4 teachers trained for one epoch on `shrink`'s data set: {model: workdir}."""
+    from wcord_jax import configs, train
+
+    dirs = {}
+    for model in ("resnet8", "resnet8x4"):
+        dirs[model] = os.path.join(str(root), model)
+        train.train_and_evaluate(shrink(configs.teacher_config(model), num_devices=1), dirs[model])
+    return dirs
+
+
+def small_distill_config(method, teachers, **overrides):
+    """A resnet8 student of `method` on `shrink`'s data set, from the matching small teacher; staged methods get a
+    one-epoch init stage."""
+    from wcord_jax import configs
+
+    teacher = SMALL_TEACHER.get(method, "resnet8x4")
+    config = shrink(configs.distill_config(method, teacher, "resnet8"), **overrides)
+    config.teacher.checkpoint = teachers[teacher]
+    if config.init_epochs:
+        config.init_epochs = 1
+    return config
+
+
+def first_steps(config, num_steps: int = 2, states: bool = False):
+    """The run's first steps on one device, driven by hand with the run's own data order: `num_steps` init-stage steps
+    followed by one main-stage step for methods with an init stage, else `num_steps` main-stage steps. Returns the
+    metrics of each step, and with `states` also (metrics, states before and after each step)."""
+    import jax
+    import jax.numpy as jnp
+    from jax.sharding import PartitionSpec as P
+
+    from wcord_jax import data, distill, feeds, parallel
+
+    mesh = parallel.make_mesh(1)
+    ds = data.load(config.dataset, config.seed)
+    feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
+    eng = distill.build_engine(config, ds, feed.steps_per_epoch, jnp.float32)
+    extra = (parallel.replicate(eng.teacher_vars, mesh), parallel.replicate(eng.class_index, mesh))
+    state = parallel.place(jax.tree.map(jnp.copy, eng.state), mesh, eng.spec)
+    order = feeds.epoch_order(jax.random.PRNGKey(config.seed), 0, config.dataset.num_train, feed.steps_per_epoch,
+                              config.batch_size)
+    main = feed.make_runner(eng.main_step, jnp.float32, num_extra=2, state_spec=eng.spec)
+    runners = [main] * num_steps
+    if eng.init_step is not None:
+        runners = [feed.make_runner(eng.init_step, jnp.float32, num_extra=2, state_spec=eng.spec)] * num_steps + [main]
+    metrics, saved = [], [jax.device_get(state)] if states else []
+    for i, runner in enumerate(runners):
+        idx = parallel.shard_batch(order[i:i + 1], mesh, P(None, "data"))
+        state, m = runner(state, *extra, feed.images, feed.labels, idx)
+        metrics.append({k: float(v[0]) for k, v in jax.device_get(m).items()})
+        if states:
+            saved.append(jax.device_get(state))
+    return (metrics, saved) if states else metrics
+
+
+@pytest.fixture(scope="session")
+def small_teachers(tmp_path_factory):
+    return train_small_teachers(tmp_path_factory.mktemp("small_teachers"))

@@ -9,71 +9,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from wcord_jax import configs, data, distill, feeds, parallel, train
+from conftest import SMALL_TEACHER, first_steps, small_distill_config
+from test_step_records import assert_equals_record
+from wcord_jax import configs, distill, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd")
 SMALL = dict(num_train=64, num_test=32, image_size=16, num_classes=4)
-# A teacher with 4x the student's channels, so the regressors and connectors are real layers; FSP needs equal
-# channel counts and gets a teacher of the student's architecture.
-TEACHER = {"fsp": "resnet8"}
-
-
-def _small(config, **overrides):
-    for k, v in SMALL.items():
-        config.dataset[k] = v
-    config.dataset.name = "synthetic"
-    config.batch_size = config.eval_batch_size = 16
-    config.num_epochs = 1
-    config.log_every_steps = 1
-    config.progress_bar = False
-    for k, v in overrides.items():
-        config[k] = v
-    return config
+TEACHER = SMALL_TEACHER
 
 
 @pytest.fixture(scope="module")
-def teachers(tmp_path_factory):
-    dirs = {}
-    for model in ("resnet8", "resnet8x4"):
-        dirs[model] = str(tmp_path_factory.mktemp(model))
-        train.train_and_evaluate(_small(configs.teacher_config(model), num_devices=1), dirs[model])
-    return dirs
-
-
-def _config(method, teachers, **overrides):
-    teacher = TEACHER.get(method, "resnet8x4")
-    config = _small(configs.distill_config(method, teacher, "resnet8"), **overrides)
-    config.teacher.checkpoint = teachers[teacher]
-    if method in configs.STAGED_METHODS:
-        config.init_epochs = 1
-    return config
-
-
-def _first_steps(config, num_steps: int = 2):
-    """The run's first steps on one device, driven by hand with the run's own data order: the init stage's for
-    staged methods, followed by one main-stage step. Returns (metrics per step, states: before and after each)."""
-    mesh = parallel.make_mesh(1)
-    ds = data.load(config.dataset, config.seed)
-    feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
-    eng = distill.build_engine(config, ds, feed.steps_per_epoch, jnp.float32)
-    extra = (parallel.replicate(eng.teacher_vars, mesh), parallel.replicate(eng.class_index, mesh))
-    state = parallel.place(jax.tree.map(jnp.copy, eng.state), mesh, eng.spec)
-    order = feeds.epoch_order(jax.random.PRNGKey(config.seed), 0, SMALL["num_train"], feed.steps_per_epoch,
-                              config.batch_size)
-    main = feed.make_runner(eng.main_step, jnp.float32, num_extra=2, state_spec=eng.spec)
-    runners = [main] * num_steps
-    if eng.init_step is not None:
-        runners = [feed.make_runner(eng.init_step, jnp.float32, num_extra=2, state_spec=eng.spec)] * num_steps + [main]
-    metrics, states = [], [jax.device_get(state)]
-    for i, runner in enumerate(runners):
-        idx = parallel.shard_batch(order[i:i + 1], mesh, P(None, "data"))
-        state, m = runner(state, *extra, feed.images, feed.labels, idx)
-        metrics.append({k: float(v[0]) for k, v in jax.device_get(m).items()})
-        states.append(jax.device_get(state))
-    return metrics, states
+def teachers(small_teachers):
+    return small_teachers
 
 
 def _tree_equal(a, b) -> bool:
@@ -113,8 +62,9 @@ def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, 
     else:
         assert all(f"train/{term}" in e for e in train_events)
 
-    config = _config(method, teachers)
-    metrics, states = _first_steps(config)
+    config = small_distill_config(method, teachers)
+    metrics, states = first_steps(config, states=True)
+    assert_equals_record(method, metrics)  # the steps taken before the distillers moved into their own files
     for step in (1, 2):
         logged = next(e for e in train_events if e["step"] == step)
         for key in ("loss", "top1", term):
@@ -139,7 +89,7 @@ def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, 
 
 
 def test_fsp_needs_equal_channels(teachers, tmp_path):
-    config = _config("fsp", teachers)
+    config = small_distill_config("fsp", teachers)
     config.teacher.model, config.teacher.checkpoint = "resnet8x4", teachers["resnet8x4"]
     with pytest.raises(train.ConfigError, match="fsp cannot pair resnet8x4 with resnet8"):
         distill.distill_and_evaluate(config, str(tmp_path))
@@ -151,7 +101,7 @@ def test_an_init_stage_run_resumes_across_the_stage_boundary(teachers, tmp_path)
 
     from wcord_jax import checkpoint
 
-    config = _config("ab", teachers, checkpoint_every_steps=2, keep_checkpoints=10)
+    config = small_distill_config("ab", teachers, checkpoint_every_steps=2, keep_checkpoints=10)
     straight, resumed = str(tmp_path / "a"), str(tmp_path / "b")
     distill.distill_and_evaluate(config, straight)
     distill.distill_and_evaluate(config, resumed)

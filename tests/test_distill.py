@@ -9,30 +9,14 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from conftest import shrink
 from wcord_jax import checkpoint, configs, data, distill, feeds, losses, parallel, train
 
 SMALL = dict(num_train=128, num_test=32, image_size=16, num_classes=4)
 
 
 def _small(config, **overrides):
-    for k, v in SMALL.items():
-        config.dataset[k] = v
-    config.dataset.name = "synthetic"
-    config.batch_size = 16
-    config.eval_batch_size = 16
-    config.num_epochs = 1
-    config.log_every_steps = 4
-    config.progress_bar = False
-    if "crd" in config:
-        config.crd.nce_k = 32
-        config.wcord.num_negatives = 64
-    for k, v in overrides.items():
-        node, *rest = k.split(".")
-        if rest:
-            config[node][rest[0]] = v
-        else:
-            config[k] = v
-    return config
+    return shrink(config, **{**SMALL, "log_every_steps": 4, **overrides})
 
 
 @pytest.fixture(scope="module")
