@@ -12,7 +12,8 @@ import pytest
 
 from conftest import SMALL_TEACHER, first_steps, small_distill_config
 from test_step_records import assert_equals_record
-from wcord_jax import configs, distill, train
+from wcord_jax import configs, distill, distillers, train
+from wcord_jax.distillers.dkd import warmup_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd")
@@ -46,7 +47,7 @@ def _cli(method, teachers, workdir, *args):
 def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, method):
     """The CLI run on 2 devices logs, step by step, the same losses as the same steps taken by hand on 1 device; an
     init stage (AB, FT, FSP) fills epoch 1 and hands over to the main stage in epoch 2."""
-    staged = method in configs.STAGED_METHODS
+    staged = bool(distillers.get(method).init_parts)
     out = _cli(method, teachers, tmp_path, "--config.num_devices=2", *(["--config.init_epochs=1"] if staged else []))
     assert out.returncode == 0, out.stderr[-3000:]
     with open(tmp_path / "metrics.jsonl") as f:
@@ -81,7 +82,7 @@ def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, 
             assert _tree_equal(before["student"], after_init["student"])
         # ... and the main stage trains the student, with the connector / paraphraser frozen.
         assert not _tree_equal(after_init["student"][head], after_main["student"][head])
-        for frozen in distill.FROZEN_IN_MAIN:
+        for frozen in distillers.get(method).frozen_in_main:
             if frozen in after_main:
                 assert _tree_equal(after_init[frozen], after_main[frozen])
         if method == "ab":
@@ -120,7 +121,6 @@ def test_an_init_stage_run_resumes_across_the_stage_boundary(teachers, tmp_path)
 def test_dkd_warmup_is_absolute(num_epochs, lr_schedule_epochs):
     """DKD's warm-up lasts dkd.warmup_epochs main-stage epochs whatever the run's length (mdistiller), 1-based epochs
     counted from the first main-stage step (after an init stage), constant within an epoch."""
-    from types import SimpleNamespace
 
     config = configs.distill_config("dkd", "resnet8", "resnet8")
     config.num_epochs, config.lr_schedule_epochs = num_epochs, lr_schedule_epochs
@@ -129,8 +129,8 @@ def test_dkd_warmup_is_absolute(num_epochs, lr_schedule_epochs):
     # (step, expected): epoch = (step - 30) // 10 + 1, weight = min(epoch / 20, 1)
     for step, expected in ((30, 1 / 20), (39, 1 / 20), (40, 2 / 20), (75, 5 / 20), (219, 19 / 20), (220, 1.0),
                            (5000, 1.0)):
-        got = distill._dkd_weight(config, SimpleNamespace(step=jnp.int32(step)), steps_per_epoch, first_main_step)
+        got = warmup_weight(config, jnp.int32(step), steps_per_epoch, first_main_step)
         np.testing.assert_allclose(float(got), expected, rtol=1e-6)
     config.dkd.warmup_epochs = 2.0
-    got = distill._dkd_weight(config, SimpleNamespace(step=jnp.int32(30)), steps_per_epoch, first_main_step)
+    got = warmup_weight(config, jnp.int32(30), steps_per_epoch, first_main_step)
     np.testing.assert_allclose(float(got), 0.5, rtol=1e-6)

@@ -6,7 +6,7 @@ import os
 import numpy as np
 import pytest
 
-from wcord_jax import configs
+from wcord_jax import configs, distillers
 from wcord_jax.experiments import study
 
 
@@ -39,7 +39,7 @@ def test_main_preset_plan():
         assert cfg.crd.nce_k == 1024 and cfg.wcord.num_negatives == 1024
         assert cfg.lr_schedule_epochs == 240  # the step decays scale with num_epochs
     assert len({r["workdir"] for r in runs}) == len(runs)
-    assert set(study.ALL_METHODS) == set(configs.METHOD_WEIGHTS)  # the presets cover every method of the library
+    assert set(study.ALL_METHODS) == set(distillers.names())  # the presets cover every method of the library
 
 
 def test_ablation_preset_plan():

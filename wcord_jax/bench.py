@@ -107,7 +107,7 @@ LOCAL_OFF = {"wcord_local_loss": _wcord_local_loss_off}
 
 @contextlib.contextmanager
 def patched_losses(replacements: dict):
-    """Temporarily replaces `wcord_jax.losses.<name>` (distill.py calls every loss as `losses.<name>`)."""
+    """Temporarily replaces `wcord_jax.losses.<name>` (the distillers call every loss as `losses.<name>`)."""
     from wcord_jax import losses
 
     saved = {name: getattr(losses, name) for name in replacements}
@@ -291,9 +291,10 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
              jax.devices()[0].device_kind, dataset.num_train, "x".join(map(str, dataset.image_shape)), spd)
 
     extra_variants, variants = list(variants), [("full", {})]
-    if shares and method in distill.WCORD_METHODS:
+    parts = distill.distiller_of(config).bench_shares if shares else ()
+    if "local" in parts:
         variants.append(("no_local", LOCAL_OFF))
-    if shares and method in distill.CRD_METHODS + distill.WCORD_METHODS:
+    if "negatives" in parts:
         variants.append(("no_negatives", NEGATIVES_OFF))
     variants += extra_variants
     built, peak = {}, None

@@ -58,92 +58,29 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     return c
 
 
-# Loss weights (gamma for cross-entropy, alpha for KD, beta for the method's own term), RepDistiller's defaults.
-METHOD_WEIGHTS = {
-    "none": (1.0, 0.0, 0.0),
-    "kd": (0.1, 0.9, 0.0),
-    "crd": (1.0, 0.0, 0.8),
-    "crdkd": (1.0, 1.0, 0.8),
-    "wcord": (1.0, 0.0, 0.8),
-    "wcordkd": (1.0, 1.0, 0.8),
-    # RepDistiller's baselines (scripts/run_cifar_distill.sh) and DKD (mdistiller).
-    "fitnet": (1.0, 0.0, 100.0),
-    "at": (1.0, 0.0, 1000.0),
-    "sp": (1.0, 0.0, 3000.0),
-    "cc": (1.0, 0.0, 0.02),
-    "vid": (1.0, 0.0, 1.0),
-    "rkd": (1.0, 0.0, 1.0),
-    "pkt": (1.0, 0.0, 30000.0),
-    "ab": (1.0, 0.0, 1.0),
-    "ft": (1.0, 0.0, 200.0),
-    "fsp": (1.0, 0.0, 50.0),
-    "nst": (1.0, 0.0, 50.0),
-    "dkd": (1.0, 0.0, 1.0),
-}
-# Methods with RepDistiller's 30-epoch init stage before the main stage.
-STAGED_METHODS = ("ab", "ft", "fsp")
-
-
 def distill_config(method: str, teacher: str, student: str) -> ml_collections.ConfigDict:
-    """A student distilled from a frozen teacher with `method`, on the teacher's recipe (RepDistiller)."""
-    if method not in METHOD_WEIGHTS:
-        raise ValueError(f"unknown method {method!r}; valid: {', '.join(METHOD_WEIGHTS)}")
+    """A student distilled from a frozen teacher with `method`, on the teacher's recipe (RepDistiller).
+
+    The loss weights gamma (cross-entropy), alpha (KD) and beta (the method's own term) are the method's defaults
+    (`Distiller.weights`, RepDistiller's); every distiller's settings section (`crd`, `wcord`, `fitnet`, ...) is
+    present whatever the method, so that methods can share one (WCoRD's memory bank uses `crd.*`)."""
+    from wcord_jax import distillers
+
+    distiller = distillers.get(method)  # ValueError naming the valid methods
     c = teacher_config(student)
     c.task = "distill"
     c.method = method
     c.teacher = ml_collections.ConfigDict()
     c.teacher.model = teacher
     c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a teacher run's workdir
-    c.gamma, c.alpha, c.beta = METHOD_WEIGHTS[method]
+    c.gamma, c.alpha, c.beta = distiller.weights
     c.kd_temperature = 4.0
-    # Init stage of AB / FT / FSP (RepDistiller --init_epochs 30): these epochs run before num_epochs, at a constant
-    # init_learning_rate (None: learning_rate; FT with a resnet / wrn student: 0.01, as RepDistiller).
-    c.init_epochs = 30 if method in STAGED_METHODS else 0
+    # The init stage of a distiller that has one (RepDistiller's AB / FT / FSP, --init_epochs 30): these epochs run
+    # before num_epochs, at a constant init_learning_rate (None: the distiller's default, the run's learning_rate
+    # unless it says otherwise: FT with a resnet / wrn student uses 0.01, as RepDistiller).
+    c.init_epochs = 30 if distiller.init_parts else 0
     c.init_learning_rate = ml_collections.FieldReference(None, field_type=float)
-    c.fitnet = ml_collections.ConfigDict()
-    c.fitnet.hint_layer = 2  # the feature whose map the regressor matches (RepDistiller --hint_layer)
-    c.rkd = ml_collections.ConfigDict()
-    c.rkd.distance_weight = 25.0
-    c.rkd.angle_weight = 50.0
-    c.dkd = ml_collections.ConfigDict()
-    c.dkd.alpha = 1.0  # weight of the target-class term (TCKD)
-    c.dkd.beta = 8.0  # weight of the non-target term (NCKD)
-    c.dkd.temperature = 4.0
-    c.dkd.warmup_epochs = 20.0  # linear warm-up of the DKD term, in main-stage epochs (absolute, as mdistiller)
     c.heads_lr_scale = 1.0  # learning rate of the embedding heads / the student's (SGD: scales their updates)
-
-    c.crd = ml_collections.ConfigDict()
-    c.crd.feat_dim = 128  # embedding size of both heads
-    c.crd.nce_k = 16384  # negatives per anchor
-    c.crd.nce_t = 0.07  # temperature
-    c.crd.nce_m = 0.5  # memory momentum
-    c.crd.sample_with_replacement = False  # RepDistiller draws negatives without replacement (slower)
-
-    c.wcord = ml_collections.ConfigDict()
-    c.wcord.feat_dim = 128
-    c.wcord.tau = 0.07  # critic temperature: f(t, s) = <g_t(t), g_s(s)> / tau
-    c.wcord.num_negatives = 16384  # queue length K (split over the devices)
-    # Where the global term's negatives come from: queue (a FIFO of past keys, K = num_negatives) | batch (the other
-    # examples of the global batch, CLIP's symmetric InfoNCE) | memory (CRD's memory bank with crd.* settings; the
-    # positive is the bank row too, as in CRD).
-    c.wcord.negatives = "queue"
-    # Keys (the positive of each anchor and what is written to the queue / memory): ema (momentum copies of both
-    # heads, as MoCo) | trained (the trained heads themselves: the first design, kept as an ablation; it collapses).
-    c.wcord.key_heads = "ema"
-    c.wcord.key_momentum = 0.999  # key head <- m * key head + (1 - m) * trained head, after every step
-    c.wcord.directions = "both"  # both (student and teacher anchors) | student (student anchors only)
-    # Teacher anchors score only the newest fraction of the student queue (its keys come from the live student
-    # backbone, so old rows are stale); 1.0: all K rows.
-    c.wcord.student_queue_fraction = 0.125
-    c.wcord.queue_init = "empty"  # empty (only written rows are negatives) | random (MoCo: random unit vectors)
-    c.wcord.lipschitz = "spectral"  # spectral | gradient_penalty | none
-    c.wcord.power_iterations = 1  # spectral-norm power-iteration steps per train step
-    c.wcord.gp_weight = 1.0  # weight of the gradient penalty (lipschitz=gradient_penalty)
-    c.wcord.lambda_global = 1.0  # method term = lambda_global * global + lambda_local * local
-    c.wcord.lambda_local = 1.0
-    c.wcord.epsilon = 0.05  # entropic regularisation of the local OT (absolute)
-    c.wcord.sinkhorn_iterations = 100
-    c.wcord.sinkhorn_threshold = 1e-3
-    c.wcord.local_gradient = "implicit"  # implicit | unrolled | stop_plan
-    c.wcord.local_scope = "global"  # global (OT over the all-gathered batch) | device (per-device batch)
+    for section, defaults in distillers.sections().items():
+        c[section] = defaults
     return c

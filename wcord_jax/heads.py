@@ -68,3 +68,31 @@ class Embed(nn.Module):
         if self.normalize:
             y = y / jnp.sqrt(jnp.sum(y * y, axis=-1, keepdims=True))
         return y
+
+
+def apply_embed(module: Embed, params, spectral, x: jax.Array, update: bool):
+    """`module` applied to `x`: (embedding, spectral-norm statistics after the call). With spectral normalisation
+    (`spectral` non-empty) and `update`, the power iteration advances and the new statistics are returned."""
+    variables = {"params": params}
+    if spectral:
+        variables[SPECTRAL_COLLECTION] = spectral
+        out, new = module.apply(variables, x, update_stats=update, mutable=[SPECTRAL_COLLECTION])
+        return out, new[SPECTRAL_COLLECTION]
+    return module.apply(variables, x), spectral
+
+
+def embedding_health(emb_s: jax.Array, emb_t: jax.Array, axis_name: Optional[str]) -> dict:
+    """Health of the heads over the global batch: the mean cosine of positive pairs (alignment) and the mean
+    cosine between different examples' student / teacher embeddings (near 1: the heads have collapsed)."""
+    from wcord_jax.losses import _parallel
+
+    s = jax.lax.stop_gradient(_parallel.gather(emb_s.astype(jnp.float32), axis_name))
+    t = jax.lax.stop_gradient(_parallel.gather(emb_t.astype(jnp.float32), axis_name))
+    b = s.shape[0]
+
+    def off_diagonal_mean(e):
+        g = e @ e.T
+        return (jnp.sum(g) - jnp.trace(g)) / max(b * (b - 1), 1)
+
+    return {"emb_pos_cos": jnp.mean(jnp.sum(s * t, axis=1)), "emb_student_cos": off_diagonal_mean(s),
+            "emb_teacher_cos": off_diagonal_mean(t)}

@@ -43,6 +43,7 @@ import ml_collections
 import numpy as np
 
 from wcord_jax import configs as configs_lib
+from wcord_jax import distillers
 
 log = logging.getLogger("wcord_jax")
 
@@ -162,7 +163,7 @@ def student_run_config(config, method: str, seed: int, teacher_dir: str,
     cfg.batch_size = config.batch_size
     cfg.seed = seed
     cfg.progress_bar = False
-    if method in configs_lib.STAGED_METHODS:
+    if distillers.get(method).init_parts:
         cfg.init_epochs = init_epochs(config)
     cfg.crd.nce_k = config.crd_nce_k
     cfg.crd.sample_with_replacement = True  # the faster documented option (RepDistiller draws without replacement)
@@ -259,7 +260,8 @@ def read_curve(run_dir: str) -> list[float]:
 
 
 def _total_epochs(cfg) -> int:
-    return cfg.num_epochs + (cfg.get("init_epochs", 0) if cfg.get("method") in configs_lib.STAGED_METHODS else 0)
+    staged = cfg.get("method") in distillers.names() and distillers.get(cfg.get("method")).init_parts
+    return cfg.num_epochs + (cfg.get("init_epochs", 0) if staged else 0)
 
 
 def run_all(config, workdir: str) -> None:

@@ -1,0 +1,181 @@
+"""What a distiller declares to the engine: the `Distiller` base class, `StepInputs` and `Term`.
+
+A distiller is one object in one file (`wcord_jax/distillers/<method>.py`) registered under one or more method names
+(`wcord_jax.distillers.register`). The engine (`wcord_jax.distill`) asks it for everything that depends on the
+method and for nothing else:
+
+* `weights`: (gamma, alpha, beta), RepDistiller's defaults of the run's total loss
+  gamma * CE + alpha * KD + beta * term (KD is Hinton's, computed by the engine for every method);
+* `config_section` / `defaults()`: its own config section (`config.<section>.*`), present in every distill config;
+* `preact`: whether it taps the networks' pre-activation features;
+* `validate(config, num_devices)` and `check_pair(config, s_shapes, t_shapes)` (the second through `modules`):
+  its checks, raising `ConfigError` with one line;
+* `modules(config, s_shapes, t_shapes)`: its trainable flax modules by name, with example inputs for their
+  initialisation, from the student's and teacher's feature shapes;
+* `init_state(config, key, n_data)` / `state_spec(config, axis)`: its own state (memories, queues) and that
+  state's PartitionSpecs over the `data` mesh;
+* `key_heads(config)` / `key_momentum(config)`: modules of which the engine keeps momentum (EMA) copies;
+* `term(inputs)`: its loss term on one device's shard, a pure function of `StepInputs`, returning a `Term`;
+* `init_parts`, `init_term(inputs)`, `init_learning_rate(config)`: its init stage, if any (RepDistiller's AB, FT,
+  FSP): what that stage trains and its loss;
+* `frozen_in_main`: modules the main stage does not train;
+* `needs_all_labels(config)` / `check_data(config, class_index)`: whether it samples negatives from the whole
+  training set's labels (an in-memory data set), and its checks against them.
+
+Everything has a default, so a method that only adds a loss term defines `name`, `weights` and `term`.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.sharding import PartitionSpec as P
+
+
+@dataclasses.dataclass(frozen=True)
+class StepInputs:
+    """What a distiller's term sees in one step, on this device's shard of the global batch (inside shard_map).
+
+    Attributes:
+      config: the run's config.
+      params: the trainable parameters being differentiated: {'student': ..., <module name>: ...}.
+      state: the `DistillState` before the step (method_state, module_stats, spectral, key_params, step, ...).
+      modules: the distiller's flax modules by name (`Distiller.modules`, without the example inputs).
+      s_logits, s_feats: the student's logits and feature list (compute dtype; differentiable).
+      t_logits, t_feats: the frozen teacher's logits and feature list (float32, gradients stopped).
+      batch: this device's shard: 'image', 'label', 'index' (positions in the training set).
+      class_index: the training set's labels by class (`losses.ClassIndex`), or {} for a streamed data set.
+      key: a PRNG key of this step (the same on every device).
+      axis_name: the mesh axis of the data-parallel batch.
+      steps_per_epoch: steps of one epoch.
+      first_main_step: the first step of the main stage (after an init stage).
+    """
+
+    config: Any
+    params: Any
+    state: Any
+    modules: dict
+    s_logits: jax.Array
+    s_feats: list
+    t_logits: jax.Array
+    t_feats: list
+    batch: dict
+    class_index: Any
+    key: jax.Array
+    axis_name: str
+    steps_per_epoch: int
+    first_main_step: int
+
+
+class Term(NamedTuple):
+    """A distiller's loss term: `value` (weighted by beta in the total), the named terms to log (`train/<name>`),
+    other metrics to log (not in the loss), and new values of state fields (`method_state`, `module_stats`,
+    `spectral`) after the step."""
+
+    value: jax.Array
+    logged: dict = {}
+    metrics: dict = {}
+    updates: dict = {}
+
+
+def zero_term() -> Term:
+    return Term(jnp.zeros((), jnp.float32))
+
+
+class Distiller:
+    """The base of every distiller; see the module docstring. Subclasses override what their method needs."""
+
+    name: str = ""  # the registered method name; set per instance by the registry
+    description: str = ""  # one line, for the README's table and `--help`
+    weights: tuple = (1.0, 0.0, 1.0)  # (gamma, alpha, beta)
+    config_section: Optional[str] = None  # config.<section>.* holds this distiller's settings
+    preact: bool = False  # tap pre-activation features
+    init_parts: tuple = ()  # what the init stage trains ('student_features' and module names); () no init stage
+    init_trains_student: bool = True  # the init stage runs the student in training mode (its BatchNorm statistics)
+    frozen_in_main: tuple = ()  # modules the main stage does not train
+    bench_shares: tuple = ()  # parts of the step the throughput bench times apart ('negatives', 'local')
+
+    def __init__(self, name: str = "", **attributes):
+        if name:
+            self.name = name
+        for key, value in attributes.items():
+            if not hasattr(type(self), key):
+                raise TypeError(f"{type(self).__name__} has no attribute {key!r}")
+            setattr(self, key, value)
+
+    def __repr__(self) -> str:
+        return f"<distiller {self.name} ({type(self).__name__})>"
+
+    # Configuration ---------------------------------------------------------------------------------------------------
+
+    def defaults(self) -> Optional[ml_collections.ConfigDict]:
+        """The default settings of `config.<config_section>` (None: no section)."""
+        return None
+
+    def validate(self, config, num_devices: int) -> None:
+        """Checks of this distiller's settings that need no network (raise `ConfigError`)."""
+
+    # Modules and state -----------------------------------------------------------------------------------------------
+
+    def modules(self, config, s_shapes, t_shapes) -> dict:
+        """{name: (flax module, example inputs of its `init`)} from the feature shapes (NHWC, batch 1). Raise
+        `ConfigError` when this method cannot pair the two networks."""
+        return {}
+
+    def init_state(self, config, key: jax.Array, n_data: int) -> Any:
+        """This distiller's own state (memories, queues); {} if none."""
+        return {}
+
+    def state_spec(self, config, axis_name: str) -> Any:
+        """PartitionSpecs of `init_state`'s state (a prefix tree): replicated unless overridden."""
+        return P()
+
+    def key_heads(self, config) -> tuple:
+        """Names of modules whose momentum copies the engine keeps in `state.key_params` (updated after every
+        optimizer step as m * copy + (1 - m) * module, m = `key_momentum(config)`)."""
+        return ()
+
+    def key_momentum(self, config) -> float:
+        return 0.0
+
+    # The data --------------------------------------------------------------------------------------------------------
+
+    def needs_all_labels(self, config) -> bool:
+        """Whether the term samples from the labels of the whole training set (an in-memory data set only)."""
+        return False
+
+    def check_data(self, config, class_index) -> None:
+        """Checks against the training set's class index (in-memory data sets), raising `ConfigError`."""
+
+    # The loss --------------------------------------------------------------------------------------------------------
+
+    def term(self, inputs: StepInputs) -> Term:
+        """This method's main-stage term (beta-weighted in the total)."""
+        return zero_term()
+
+    def init_term(self, inputs: StepInputs) -> Term:
+        """The init stage's loss (the whole loss of that stage); only for distillers with `init_parts`."""
+        raise NotImplementedError(f"{self.name} has no init stage")
+
+    def init_learning_rate(self, config) -> float:
+        """The init stage's (constant) learning rate: `init_learning_rate` if set, else the run's."""
+        if config.get("init_learning_rate") is not None:
+            return float(config.init_learning_rate)
+        return float(config.learning_rate)
+
+
+def apply_with_batch_stats(module, params, stats, *args, train: bool):
+    """Applies a module with BatchNorm (its `train` argument last); returns (output, new statistics)."""
+    variables = {"params": params, "batch_stats": stats}
+    if train:
+        out, new = module.apply(variables, *args, True, mutable=["batch_stats"])
+        return out, new.get("batch_stats", stats)
+    return module.apply(variables, *args, False), stats
+
+
+def f32(features) -> list:
+    """A feature list in float32."""
+    return [f.astype(jnp.float32) for f in features]
