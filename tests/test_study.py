@@ -75,7 +75,7 @@ def test_baselines_preset_plan():
     runs = study.plan(study.study_config("baselines"), "/w")
     labels = [r["label"] for r in runs if r["group"] == "method"]
     assert labels == [m for _ in range(3) for m in ("none", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft",
-                                                    "fsp", "nst", "dkd")]
+                                                    "fsp", "nst", "dkd", "lskd")]
     staged = next(r for r in runs if r["label"] == "ab")["config"]
     assert staged.init_epochs == 4 and staged.num_epochs == 30  # RepDistiller's 30 of 240 epochs, rounded up
 

@@ -12,7 +12,7 @@ negatives. Every value is a config field (`--config.student_epochs=...`). Preset
 * `main` (default): none, kd, crd, crdkd, wcord, wcordkd;
 * `ablation`: the WCoRD variants of `ABLATION` (method wcord with wcord.* overrides), with none and wcord (defaults)
   as reference rows;
-* `baselines`: none and RepDistiller's 12 baselines plus DKD (`BASELINES`);
+* `baselines`: none, RepDistiller's 12 baselines, DKD and LS-KD (`BASELINES`);
 * `quick`: a smoke run on tiny synthetic data (1 seed; none, kd, crd, wcord, ab).
 
 Each run is an ordinary run of the library (`train.train_and_evaluate` / `distill.distill_and_evaluate`) in its own
@@ -48,7 +48,7 @@ from wcord_jax import distillers
 log = logging.getLogger("wcord_jax")
 
 MAIN_METHODS = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd")
-BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd")
+BASELINES = ("fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd", "lskd")
 ALL_METHODS = MAIN_METHODS + BASELINES
 # name -> wcord.* overrides of the defaults (EMA key heads, m = 0.999, both directions, the newest 1/8 of the student
 # queue for teacher anchors); each is run with method wcord over the study's seeds (preset ablation).
