@@ -54,7 +54,7 @@ def _config_key_hint(argv: list[str], error: Exception) -> str:
 
 
 def _setup_logging() -> None:
-    """Plain `HH:MM:SS message` lines for the library's log; absl's own logging only for warnings."""
+    """Plain `HH:MM:SS message` lines for the library's log; absl's and jax's own logging only for warnings."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
     lib = logging.getLogger("wcord_jax")
@@ -62,6 +62,9 @@ def _setup_logging() -> None:
     lib.setLevel(logging.INFO)
     lib.propagate = False
     logging.getLogger("absl").setLevel(logging.WARNING)
+    # jax's own INFO lines (e.g. "Unable to initialize backend 'tpu'" on every machine without one) are not the
+    # library's: warnings and errors only.
+    logging.getLogger("jax").setLevel(logging.WARNING)
 
 
 def parse_flags(argv: list[str]) -> list[str]:
