@@ -188,3 +188,12 @@ def test_main_and_ablation_reports_in_one_workdir(tmp_path):
     assert wcord_row.split("|")[3] == next(l for l in ablation_md.splitlines()
                                            if l.startswith("| wcord (defaults) |")).split("|")[3]
     assert sorted(results["ablation"]) == sorted(study.ABLATION)
+
+
+def test_one_seed_shows_no_spread():
+    """A row of one seed shows its value alone (a sample std needs two seeds), rows of several the mean ± std."""
+    one = [{"final": 0.8326, "best": 0.8336}]
+    two = [{"final": 0.85, "best": 0.86}, {"final": 0.86, "best": 0.86}]
+    lines = study._table({"none": one, "wcord": two}, 83.26)
+    assert lines[2] == "| none | 1 | 83.26 | 83.36 | +0.00 |"
+    assert lines[3] == f"| wcord | 2 | 85.50 ± {np.std([85.0, 86.0], ddof=1):.2f} | 86.00 ± 0.00 | +2.24 |"

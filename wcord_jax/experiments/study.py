@@ -318,7 +318,12 @@ def _table(groups: dict, baseline: Optional[float]) -> list[str]:
         fm, fs = _stats(entries, "final")
         bm, bs = _stats(entries, "best")
         delta = f"{fm - baseline:+.2f}" if baseline is not None else ""
-        lines.append(f"| {label} | {len(entries)} | {fm:.2f} ± {fs:.2f} | {bm:.2f} ± {bs:.2f} | {delta} |")
+        spread = len(entries) > 1  # a sample std needs two seeds: one seed shows the value alone
+
+        def cell(m, s):
+            return f"{m:.2f} ± {s:.2f}" if spread else f"{m:.2f}"
+
+        lines.append(f"| {label} | {len(entries)} | {cell(fm, fs)} | {cell(bm, bs)} | {delta} |")
     return lines
 
 
