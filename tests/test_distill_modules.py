@@ -9,7 +9,7 @@ from jax.sharding import PartitionSpec as P
 
 from wcord_jax.distill_modules import (Connector, ConvReg, ConvTranspose2d, LinearEmbed, Paraphraser, Translator,
                                        VIDRegressor)
-from wcord_jax.losses.baselines import vid_loss
+from wcord_jax.losses import vid_loss
 
 AX = "data"
 N_DEV = 4

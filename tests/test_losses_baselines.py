@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from wcord_jax.losses.baselines import (ab_loss, adaptive_avg_pool2d, at_loss, cc_loss, check_fsp_shapes, dkd_loss,
-                                        dkd_warmup, fitnet_loss, fsp_loss, ft_loss, match_spatial, nst_loss,
-                                        pkt_loss, rkd_loss, sp_loss, vid_loss)
+from wcord_jax.losses import (ab_loss, at_loss, cc_loss, dkd_loss, dkd_warmup, fitnet_loss, fsp_loss, ft_loss,
+                              nst_loss, pkt_loss, rkd_loss, sp_loss, vid_loss)
+from wcord_jax.losses._common import adaptive_avg_pool2d, match_spatial
+from wcord_jax.losses.fsp import check_fsp_shapes
 
 AX = "data"
 N_DEV = 4

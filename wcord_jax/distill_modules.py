@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from wcord_jax.losses.baselines import adaptive_avg_pool2d
+from wcord_jax.losses._common import adaptive_avg_pool2d
 from wcord_jax.models.common import batch_norm, linear
 
 Dtype = Any
@@ -246,7 +246,7 @@ class VIDRegressor(nn.Module):
     mu = Conv1x1(C_s->mid) ReLU Conv1x1(mid->mid) ReLU Conv1x1(mid->C_t), no biases, PyTorch default init;
     var = softplus(log_scale) + eps, one per target channel, log_scale initialised to log(exp(init_pred_var - eps) - 1)
     so that var starts at `init_pred_var` (5.0). RepDistiller builds it as `VIDLoss(C_s, C_t, C_t)`, i.e.
-    mid = C_t. Returns `(mu, var)` for `baselines.vid_loss`.
+    mid = C_t. Returns `(mu, var)` for `losses.vid_loss`.
 
     If `target_size` (the teacher map's height) is given and the student map is taller, the student map is first
     adaptive-avg-pooled to (target_size, target_size), as RepDistiller does before its regressor.

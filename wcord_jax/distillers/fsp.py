@@ -6,6 +6,7 @@ from __future__ import annotations
 from wcord_jax import losses
 from wcord_jax.distillers import register
 from wcord_jax.distillers.base import Distiller, StepInputs, Term, f32, zero_term
+from wcord_jax.losses.fsp import check_fsp_shapes
 from wcord_jax.train import ConfigError
 
 
@@ -16,7 +17,7 @@ class FSP(Distiller):
 
     def modules(self, config, s_shapes, t_shapes):
         try:
-            losses.baselines.check_fsp_shapes(s_shapes[:-1], t_shapes[:-1])
+            check_fsp_shapes(s_shapes[:-1], t_shapes[:-1])
         except ValueError as e:
             raise ConfigError(f"fsp cannot pair {config.teacher.model} with {config.model}: {e}") from e
         return {}
