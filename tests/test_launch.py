@@ -2,6 +2,7 @@
 (executed end to end with nbclient at a tiny size)."""
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -121,7 +122,11 @@ def test_run_starts_a_detached_run_with_a_log(tmp_path):
     home = tmp_path / "home"
     shutil.copytree(os.path.join(ROOT, "configs"), home / "wcord_jax" / "configs")
     (home / "wcord_venv" / "bin").mkdir(parents=True)
-    (home / "wcord_venv" / "bin" / "python").symlink_to(sys.executable)
+    # The worker's venv python: a script that execs this interpreter (same pid, as `run.pid` must name the run). Not a
+    # symlink: a venv's python reached through a link outside its venv does not see the venv's site-packages.
+    fake_python = home / "wcord_venv" / "bin" / "python"
+    fake_python.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    fake_python.chmod(0o755)
     workdir = tmp_path / "run"
     env = {"HOME": str(home), "JAX_PLATFORMS": "cpu"}
     out, _ = tpu_vm("run", "--single-process", "--name", "t", "--zone", "z", "--config", "configs/teacher.py:resnet8",
