@@ -18,6 +18,9 @@ from wcord_jax.distillers.base import Distiller, StepInputs, Term, zero_term
 
 _REGISTRY: dict[str, Distiller] = {}
 _LOADED = False
+# The order `names()` lists the library's methods in (the contrastive ones, then RepDistiller's baselines in its
+# paper's order, then DKD); any other module of the package (a user's method) is loaded after these, by name.
+_ORDER = ("crd", "wcord", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab", "ft", "fsp", "nst", "dkd")
 
 
 def register(name: str, distiller: Distiller) -> Distiller:
@@ -36,13 +39,13 @@ def _load() -> None:
     if _LOADED:
         return
     _LOADED = True
-    for info in sorted(pkgutil.iter_modules(__path__), key=lambda i: i.name):
-        if not info.name.startswith("_") and info.name != "base":
-            importlib.import_module(f"{__name__}.{info.name}")
+    found = sorted(i.name for i in pkgutil.iter_modules(__path__) if not i.name.startswith("_") and i.name != "base")
+    for module in sorted(found, key=lambda m: (_ORDER.index(m) if m in _ORDER else len(_ORDER), m)):
+        importlib.import_module(f"{__name__}.{module}")
 
 
 def names() -> tuple[str, ...]:
-    """Every registered method name, in registration order (`none` first)."""
+    """Every registered method name: none, kd, crd, crdkd, wcord, wcordkd, the baselines, then any others."""
     _load()
     return tuple(_REGISTRY)
 
