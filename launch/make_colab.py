@@ -77,7 +77,7 @@ PARAMS_MD = """\
 ## Parameters
 
 `DATASET_ARGS` and `EXTRA_ARGS` are passed to all three runs (any `--config.KEY=VALUE` of the command line, see
-README.md). `NUM_TRAIN` / `NUM_TEST` cap the examples taken from each split (`None`: all)."""
+docs/training.md in the repository). `NUM_TRAIN` / `NUM_TEST` cap the examples taken from each split (`None`: all)."""
 
 PARAMS = '''\
 EPOCHS = 1

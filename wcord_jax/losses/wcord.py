@@ -64,7 +64,7 @@ def init_queue_state(key: jax.Array, size: int, dim: int, empty: bool = True) ->
     negatives are always real past embeddings. `empty=False`: MoCo's start, every row a random unit vector (normal
     draws, L2-normalised) that counts as a negative from the first step (`filled` = K). Random unit vectors are
     nearly orthogonal to any embedding, so until the queue has turned over they are easy negatives that reward
-    mapping every example to one direction (the heads collapse); see the README.
+    mapping every example to one direction (the heads collapse); see docs/wcord.md.
 
     `size` must be a multiple of the number of devices the queue is sharded over.
     """
