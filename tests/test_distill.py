@@ -128,9 +128,13 @@ def test_missing_or_mismatched_teacher_checkpoint_is_a_clear_error(teacher_dir, 
     with pytest.raises(train.ConfigError, match="holds a resnet8 checkpoint"):
         distill.distill_and_evaluate(config, str(tmp_path / "w2"))
     config = _distill_config("kd", teacher_dir)
-    config.dataset.num_classes = 7
-    with pytest.raises(train.ConfigError, match="does not hold a resnet8 for 7 classes"):
+    config.dataset.num_classes = 7  # a teacher of 4 classes: another label space, KD refused
+    with pytest.raises(train.ConfigError, match="trained on another task .*alpha=0.9 weights KD"):
         distill.distill_and_evaluate(config, str(tmp_path / "w3"))
+    config = _distill_config("kd", teacher_dir)
+    config.dataset.num_channels = 1  # the teacher was trained on 3-channel images
+    with pytest.raises(train.ConfigError, match="does not hold a resnet8 for 4 classes and 1-channel images"):
+        distill.distill_and_evaluate(config, str(tmp_path / "w4"))
 
 
 ENGINE_METHODS = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd")  # the baselines: test_baselines_engine.py

@@ -197,3 +197,33 @@ def test_one_seed_shows_no_spread():
     lines = study._table({"none": one, "wcord": two}, 83.26)
     assert lines[2] == "| none | 1 | 83.26 | 83.36 | +0.00 |"
     assert lines[3] == f"| wcord | 2 | 85.50 ± {np.std([85.0, 86.0], ddof=1):.2f} | 86.00 ± 0.00 | +2.24 |"
+
+
+def test_beyond_plan_runs_each_task_with_its_views_and_teachers():
+    from wcord_jax.experiments import beyond
+
+    config = beyond.beyond_config()
+    runs = beyond.plan(config, "W")
+    by_dir = {r["workdir"]: r for r in runs}
+    assert len(by_dir) == len(runs)
+    teachers = [r for r in runs if r["group"] == "teacher"]
+    assert [t["label"] for t in teachers] == ["teacher_resnet32", "teacher_resnet32_edges",
+                                              "teacher_resnet32_classes01234"] + [f"teacher_resnet8_seed{i}"
+                                                                                  for i in range(4)]
+    assert teachers[1]["config"].view == "edges" and teachers[2]["config"].dataset.classes == (0, 1, 2, 3, 4)
+    assert [t["config"].seed for t in teachers[3:]] == [0, 1, 2, 3]
+    # The student alone on the image is the study's own run (same path, same config).
+    alone = by_dir[os.path.join("W", "none", "seed1")]["config"]
+    assert alone.to_dict() == study.student_run_config(study.study_config(), "none", 1,
+                                                       os.path.join("W", "teacher_resnet32")).to_dict()
+    priv = by_dir[os.path.join("W", "beyond", "privileged", "mask05", "crd", "seed2")]["config"]
+    assert priv.view == "mask:0.5" and priv.teacher.checkpoint == os.path.join("W", "teacher_resnet32")
+    ens = by_dir[os.path.join("W", "beyond", "ensemble", "m4", "wcord", "seed0")]["config"]
+    assert ens.teacher.model == "resnet8" and ens.teacher.checkpoint.split(",") == [
+        os.path.join("W", "beyond", f"teacher_resnet8_seed{i}") for i in range(4)]
+    cross = by_dir[os.path.join("W", "beyond", "crossmodal", "edgesidentity", "kd", "seed0")]["config"]
+    assert cross.view == "identity" and cross.teacher.checkpoint.endswith("teacher_resnet32_edges")
+    tasks = [r for r in runs if r["task"] == "tasks"]
+    assert sorted({r["method"] for r in tasks}) == ["crd", "wcord"]  # KD is refused for another label space
+    students = [r for r in runs if r["group"] == "student"]
+    assert len(students) == 3 * (1 + 8 + 3 + 9 + 2)

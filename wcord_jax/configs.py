@@ -55,6 +55,9 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.keep_checkpoints = 3
     c.num_devices = 0  # use the first N devices of the data mesh (0: all)
     c.progress_bar = True  # a tqdm bar per epoch when stderr is a terminal
+    # What the trained network sees of each example (wcord_jax.views): identity, gray, lab_l, lab_ab,
+    # downsample:K, mask:FRACTION, edges, noise:STD or feature:NAME; applied on the device after augmentation.
+    c.view = "identity"
     return c
 
 
@@ -72,7 +75,10 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.method = method
     c.teacher = ml_collections.ConfigDict()
     c.teacher.model = teacher
-    c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)  # a teacher run's workdir
+    # A teacher run's workdir, or several comma-separated (an ensemble: --config.teacher.checkpoint=a,b,c).
+    c.teacher.checkpoint = ml_collections.FieldReference(None, field_type=str)
+    # What the teacher sees (a view, as `view` for the student); None: the view it was trained on (its checkpoint).
+    c.teacher.view = ml_collections.FieldReference(None, field_type=str)
     c.gamma, c.alpha, c.beta = distiller.weights
     c.kd_temperature = 4.0
     # The init stage of a distiller that has one (RepDistiller's AB / FT / FSP, --init_epochs 30): these epochs run

@@ -26,6 +26,8 @@ from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import distillers, feeds, heads, losses, models, parallel, train
+from wcord_jax import views as views_lib
+from wcord_jax.distillers._ensemble import PerTeacher
 from wcord_jax.distillers.base import StepInputs
 from wcord_jax.train import AXIS, ConfigError
 
@@ -72,33 +74,135 @@ def validate(config, num_devices: int) -> None:
                           f"(python -m wcord_jax.main --config configs/teacher.py:{config.teacher.model} --workdir DIR)")
     if config.get("init_epochs", 0) < 0:
         raise ConfigError(f"init_epochs must be >= 0, got {config.init_epochs}")
+    if config.teacher.get("view"):
+        train.parse_view(config.teacher.view, "teacher.view")
     distiller.validate(config, num_devices)
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Teacher
+# Teachers
 
 
-def load_teacher(config, num_classes: int, image_shape, dtype):
-    """The frozen teacher module and its variables, restored from a teacher run's checkpoint; clear errors."""
-    path = config.teacher.checkpoint
-    teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype)
+@dataclasses.dataclass
+class Teacher:
+    """A frozen teacher: its run's workdir, network, variables, checkpoint metadata and number of classes;
+    `same_task` says whether it was trained on the student's classes (else its logits are of another label space)."""
+
+    path: str
+    module: Any
+    variables: Any
+    meta: dict
+    num_classes: int
+    same_task: bool
+
+
+def teacher_paths(config) -> list[str]:
+    """The teachers' workdirs: `teacher.checkpoint` is one workdir or several, comma-separated (an ensemble)."""
+    return [p.strip() for p in str(config.teacher.checkpoint or "").split(",") if p.strip()]
+
+
+def teacher_meta(config, path: str) -> dict:
+    """The metadata of the teacher run in `path` (its model, data set, classes and view); clear errors."""
     try:
         meta = ckpt_lib.load_meta(path)
-        variables = ckpt_lib.load_variables(path)
     except FileNotFoundError as e:
         raise ConfigError(f"teacher checkpoint not found: {e}; train one with --config configs/teacher.py:"
                           f"{config.teacher.model} --workdir {path}") from e
     if meta.get("model") not in (None, config.teacher.model):
         raise ConfigError(f"{path} holds a {meta['model']} checkpoint, but teacher.model is {config.teacher.model}")
+    return meta
+
+
+def teacher_view(config, metas: list) -> views_lib.View:
+    """`teacher.view`, or (None) the view the teachers were trained on, as their checkpoints say."""
+    if config.teacher.get("view"):
+        return train.parse_view(config.teacher.view, "teacher.view")
+    specs = sorted({m.get("view") or "identity" for m in metas}) or ["identity"]
+    if len(specs) > 1:
+        raise ConfigError(f"the teachers were trained on different views ({', '.join(specs)}): one teacher.view "
+                          "serves them all")
+    return train.parse_view(specs[0], "teacher.view")
+
+
+def teacher_view_input(view: views_lib.View, dataset, metas: list) -> feeds.ViewInput:
+    """The teacher's view with its normalisation: the data set's constants for the views that keep the image's
+    statistics, else the statistics the teacher was trained with (its checkpoint), else measured here."""
+    stats = (None, None)
+    meta = metas[0] if metas else {}
+    if not view.keeps_image_stats and meta.get("view") == view.spec and meta.get("view_mean") is not None:
+        stats = (meta["view_mean"], meta["view_std"])
+    try:
+        return feeds.view_input(view, dataset, *stats)
+    except views_lib.ViewError as e:
+        raise ConfigError(f"teacher.view: {e}") from None
+
+
+def _num_classes(variables, default: int) -> int:
+    """The classifier's output size in a network's variables."""
+    params = variables.get("params", {})
+    for name in CLASSIFIER_NAMES:
+        if name in params and "bias" in params[name]:
+            return int(params[name]["bias"].shape[-1])
+    return default
+
+
+def _same_task(meta: dict, num_classes: int, config, dataset) -> bool:
+    if num_classes != dataset.num_classes:
+        return False
+    if meta.get("dataset") not in (None, config.dataset.name):
+        return False
+    if "classes" in meta:
+        mine = config.dataset.get("classes")
+        return (list(meta["classes"]) if meta["classes"] is not None else None) == (
+            [int(c) for c in mine] if mine is not None else None)
+    return True
+
+
+def load_teacher(config, path: str, meta: dict, dataset, image_shape, dtype, view_spec: str = "identity") -> Teacher:
+    """The frozen teacher of workdir `path` for inputs of `image_shape`; clear errors."""
+    try:
+        variables = ckpt_lib.load_variables(path)
+    except FileNotFoundError as e:
+        raise ConfigError(f"teacher checkpoint not found: {e}") from e
+    num_classes = _num_classes(variables, dataset.num_classes)
+    teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype)
     expected = jax.eval_shape(functools.partial(teacher.init, train=False), jax.random.PRNGKey(0),
                               jnp.zeros((1, *image_shape)))
     got_shapes = jax.tree.map(lambda x: tuple(x.shape), {k: variables[k] for k in ("params", "batch_stats")})
     want_shapes = jax.tree.map(lambda x: tuple(x.shape), {k: expected[k] for k in ("params", "batch_stats")})
     if got_shapes != want_shapes:
+        trained = meta.get("view") or "identity"
         raise ConfigError(f"{path} does not hold a {config.teacher.model} for {num_classes} classes and "
-                          f"{image_shape[-1]}-channel images (its parameters have other shapes)")
-    return teacher, jax.tree.map(jnp.asarray, variables)
+                          f"{image_shape[-1]}-channel images (teacher.view {view_spec} gives {image_shape[-1]} "
+                          f"channels; that teacher was trained on view {trained}): its parameters have other shapes")
+    return Teacher(path, teacher, jax.tree.map(jnp.asarray, variables), meta, num_classes,
+                   _same_task(meta, num_classes, config, dataset))
+
+
+def check_teachers(config, distiller, teachers: list) -> None:
+    """One-line ConfigErrors for an ensemble the method cannot distil and for logits of another label space."""
+    if len(teachers) > 1 and not distiller.ensemble:
+        able = ", ".join(n for n in distillers.names() if distillers.get(n).ensemble)
+        raise ConfigError(f"method {config.method} cannot distil an ensemble of {len(teachers)} teachers (its term "
+                          f"pairs one teacher's features with the student's); methods that can: {able}")
+    other = [t for t in teachers if not t.same_task]
+    if other and (config.alpha != 0 or distiller.uses_teacher_logits):
+        t = other[0]
+        why = f"alpha={config.alpha} weights KD" if config.alpha != 0 else f"{config.method} reads the teacher's logits"
+        raise ConfigError(f"the teacher in {t.path} was trained on another task ({teacher_task(t)}), the student on "
+                          f"{dataset_task(config)}: {why}, but their logits are of different label spaces; use a "
+                          "representation-level method (crd, wcord, or a feature baseline) with alpha=0")
+
+
+def teacher_task(t: Teacher) -> str:
+    classes = t.meta.get("classes")
+    what = f"classes {','.join(map(str, classes))}" if classes else f"{t.num_classes} classes"
+    return f"{t.meta.get('dataset', 'its data set')}, {what}"
+
+
+def dataset_task(config) -> str:
+    classes = config.dataset.get("classes")
+    return f"{config.dataset.name}, {'classes ' + ','.join(map(str, classes)) if classes is not None else 'all classes'}"
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -112,10 +216,19 @@ def feature_shapes(module, image_shape, preact: bool = False) -> list[tuple[int,
     return [tuple(f.shape) for f in out[1]]
 
 
-def make_modules(config, s_shapes, t_shapes) -> dict:
+def make_modules(config, s_shapes, t_shapes, distiller=None) -> dict:
     """The distiller's extra flax modules by name, with example inputs for their initialisation: {name: (module,
-    args)}. Raises ConfigError when the method cannot pair these two networks."""
-    return distiller_of(config).modules(config, s_shapes, t_shapes)
+    args)}. Raises ConfigError when the method cannot pair these two networks. For a `PerTeacher` distiller
+    `t_shapes` is the list of the teachers' feature shapes."""
+    return (distiller or distiller_of(config)).modules(config, s_shapes, t_shapes)
+
+
+def for_teachers(distiller, num_teachers: int):
+    """The distiller the engine runs for `num_teachers` teachers: itself for one teacher or a method that reads
+    the ensemble's logits, `PerTeacher` (modules and state per teacher) for 'per_teacher' methods."""
+    if num_teachers > 1 and distiller.ensemble == "per_teacher":
+        return PerTeacher(distiller, num_teachers)
+    return distiller
 
 
 def _classifier_name(student_params) -> str:
@@ -152,9 +265,10 @@ def init_learning_rate(config) -> float:
     return distiller_of(config).init_learning_rate(config)
 
 
-def create_state(config, key, student, modules: dict, image_shape, n_data: int, steps_per_epoch: int):
+def create_state(config, key, student, modules: dict, image_shape, n_data: int, steps_per_epoch: int,
+                 distiller=None):
     """The initial state, the (main, init) optimizers and the trainable masks {'main': ..., 'init': ...}."""
-    distiller = distiller_of(config)
+    distiller = distiller or distiller_of(config)
     init = jax.jit(functools.partial(student.init, train=False))(jax.random.fold_in(key, 0),
                                                                  jnp.zeros((1, *image_shape)))
     params = {"student": init["params"]}
@@ -181,10 +295,11 @@ def create_state(config, key, student, modules: dict, image_shape, n_data: int, 
     return state, tx, init_tx, masks
 
 
-def state_spec(config) -> Any:
+def state_spec(config, distiller=None) -> Any:
     """PartitionSpecs of the state: all replicated except what the distiller shards (`Distiller.state_spec`)."""
+    distiller = distiller or distiller_of(config)
     return DistillState(step=P(), params=P(), batch_stats=P(), module_stats=P(), spectral=P(), opt_state=P(),
-                        init_opt_state=P(), rng=P(), method_state=distiller_of(config).state_spec(config, AXIS),
+                        init_opt_state=P(), rng=P(), method_state=distiller.state_spec(config, AXIS),
                         key_params=P())
 
 
@@ -197,16 +312,39 @@ def _teacher_forward(teacher, teacher_vars, x, preact: bool):
     return lax.stop_gradient(t_logits), [lax.stop_gradient(f.astype(jnp.float32)) for f in t_feats]
 
 
+def _teachers_forward(teacher, teacher_vars, batch: dict, preact: bool):
+    """(t_logits, t_feats, per-teacher outputs) of one teacher (`teacher` a module, `teacher_vars` its variables;
+    per-teacher outputs ()) or an ensemble (lists: t_logits the log of the averaged probabilities, t_feats the first
+    teacher's). The teachers see `batch['teacher_image']`, or the student's image when the views agree."""
+    x = batch.get("teacher_image", batch["image"])
+    if not isinstance(teacher, (list, tuple)):
+        return (*_teacher_forward(teacher, teacher_vars, x, preact), ())
+    outs = tuple(_teacher_forward(t, v, x, preact) for t, v in zip(teacher, teacher_vars))
+    if len(outs) == 1:
+        return (*outs[0], ())
+    return losses.ensemble_logits([o[0] for o in outs]), outs[0][1], outs
+
+
+def _kd_term(s_logits, t_logits, teachers: tuple, config, logits_comparable: bool):
+    if not logits_comparable:  # a teacher of another label space: no KD (refused when weighted)
+        return jnp.zeros((), jnp.float32)
+    if teachers:
+        return losses.kd_loss_ensemble(s_logits, [t[0] for t in teachers], config.kd_temperature, axis_name=AXIS)
+    return losses.kd_loss(s_logits, t_logits, config.kd_temperature, axis_name=AXIS)
+
+
 def _top1(logits, labels):
     return lax.pmean(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)), AXIS)
 
 
 def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, distiller, student, teacher,
-                 modules, tx, mask, steps_per_epoch: int, first_main_step: int = 0):
+                 modules, tx, mask, steps_per_epoch: int, first_main_step: int = 0, logits_comparable: bool = True):
     """One main-stage distillation step on this device's shard (inside shard_map over `data`); see the module
-    docstring. `modules` is `make_modules`' dict, `mask` the main stage's `trainable_mask`."""
+    docstring. `modules` is `make_modules`' dict, `mask` the main stage's `trainable_mask`. `teacher` is a module
+    (`teacher_vars` its variables) or a list of them (an ensemble); `logits_comparable` is False when a teacher was
+    trained on other classes (the KD term is then 0)."""
     x = batch["image"]
-    t_logits, t_feats = _teacher_forward(teacher, teacher_vars, x, distiller.preact)
+    t_logits, t_feats, teachers = _teachers_forward(teacher, teacher_vars, batch, distiller.preact)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
     flax_modules = {name: m for name, (m, _) in modules.items()}
 
@@ -214,11 +352,11 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
         (s_logits, s_feats), new_vars = student.apply({"params": params["student"], "batch_stats": state.batch_stats},
                                                       x, train=True, preact=distiller.preact, mutable=["batch_stats"])
         terms = {"ce": lax.pmean(feeds.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
-                 "kd": losses.kd_loss(s_logits, t_logits, config.kd_temperature, axis_name=AXIS)}
+                 "kd": _kd_term(s_logits, t_logits, teachers, config, logits_comparable)}
         out = distiller.term(StepInputs(
             config=config, params=params, state=state, modules=flax_modules, s_logits=s_logits, s_feats=s_feats,
             t_logits=t_logits, t_feats=t_feats, batch=batch, class_index=class_index, key=key, axis_name=AXIS,
-            steps_per_epoch=steps_per_epoch, first_main_step=first_main_step))
+            steps_per_epoch=steps_per_epoch, first_main_step=first_main_step, teachers=teachers))
         terms.update(out.logged)
         total = config.gamma * terms["ce"] + config.alpha * terms["kd"] + config.beta * out.value
         return total, (terms, out.metrics, new_vars["batch_stats"], out.updates, s_logits)
@@ -248,15 +386,16 @@ def _update(tx, grads, opt_state, params, mask, heads_lr_scale: float = 1.0):
 
 
 def init_stage_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, distiller, student,
-                    teacher, modules, init_tx, mask, steps_per_epoch: int):
+                    teacher, modules, init_tx, mask, steps_per_epoch: int, logits_comparable: bool = True):
     """One step of the distiller's init stage (RepDistiller's helper/pretrain.py) on this device's shard.
 
     The loss is the distiller's `init_term` alone (no gamma / alpha / beta), the optimizer trains what `mask` (the
     init stage's `trainable_mask`) allows; the student runs in training mode (updating its BatchNorm statistics)
     unless the distiller says otherwise (`Distiller.init_trains_student`).
     """
+    del logits_comparable  # the init stage has no KD term
     x = batch["image"]
-    t_logits, t_feats = _teacher_forward(teacher, teacher_vars, x, distiller.preact)
+    t_logits, t_feats, _ = _teachers_forward(teacher, teacher_vars, batch, distiller.preact)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
     flax_modules = {name: m for name, (m, _) in modules.items()}
 
@@ -292,7 +431,8 @@ class Engine:
 
     `main_step` / `init_step` are the per-device step functions for `feed.make_runner(..., num_extra=2,
     state_spec=spec)`, called as `runner(state, teacher_vars, class_index, *feed_args)`; `init_step` is None
-    without an init stage. `teacher_vars` and `class_index` are unreplicated.
+    without an init stage. `teacher_vars` and `class_index` are unreplicated. With several teachers (an
+    ensemble) `teacher` and `teacher_vars` are lists; `teachers` describes them all.
     """
 
     student: Any
@@ -305,47 +445,87 @@ class Engine:
     init_step: Any
     class_index: Any
     init_epochs: int
+    teachers: list = dataclasses.field(default_factory=list)
+    distiller: Any = None
 
 
-def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None) -> Engine:
-    """Teacher (restored from `config.teacher.checkpoint` unless `teacher_vars` is given), student, the distiller's
-    modules, the initial state, the optimizers and the step functions, with the configuration checks that need the
-    networks' shapes."""
+def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None, student_shape=None,
+                 teacher_shape=None) -> Engine:
+    """Teachers (restored from `config.teacher.checkpoint` unless `teacher_vars` is given), student, the
+    distiller's modules, the initial state, the optimizers and the step functions, with the configuration checks
+    that need the networks' shapes. `student_shape` / `teacher_shape` are the (H, W, C) each network sees (their
+    views; default the data set's images)."""
+    student_shape = tuple(student_shape or dataset.image_shape)
+    teacher_shape = tuple(teacher_shape or dataset.image_shape)
+    inner = distiller_of(config)
     if teacher_vars is None:
-        teacher, teacher_vars = load_teacher(config, dataset.num_classes, dataset.image_shape, dtype)
+        paths = teacher_paths(config)
+        metas = [teacher_meta(config, p) for p in paths]
+        spec = teacher_view(config, metas).spec
+        teachers = [load_teacher(config, p, m, dataset, teacher_shape, dtype, spec) for p, m in zip(paths, metas)]
     else:
-        teacher = models.get_model(config.teacher.model, dataset.num_classes, dtype=dtype)
+        module = models.get_model(config.teacher.model, dataset.num_classes, dtype=dtype)
+        teachers = [Teacher("(given)", module, teacher_vars, {}, dataset.num_classes, True)]
+    check_teachers(config, inner, teachers)
+    distiller = for_teachers(inner, len(teachers))
+    if len(teachers) == 1:
+        teacher, teacher_vars = teachers[0].module, teachers[0].variables
+    else:
+        teacher, teacher_vars = [t.module for t in teachers], [t.variables for t in teachers]
     student = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
-    distiller = distiller_of(config)
-    modules = make_modules(config, feature_shapes(student, dataset.image_shape, distiller.preact),
-                           feature_shapes(teacher, dataset.image_shape, distiller.preact))
+    s_shapes = feature_shapes(student, student_shape, distiller.preact)
+    t_shapes = [feature_shapes(t.module, teacher_shape, distiller.preact) for t in teachers]
+    modules = make_modules(config, s_shapes, t_shapes if isinstance(distiller, PerTeacher) else t_shapes[0],
+                           distiller)
     n_init = init_epochs(config)
     state, tx, init_tx, masks = create_state(config, jax.random.PRNGKey(config.seed), student, modules,
-                                             dataset.image_shape, dataset.num_train, steps_per_epoch)
+                                             student_shape, dataset.num_train, steps_per_epoch, distiller)
     class_index = {}
     if dataset.in_memory:
         class_index = losses.build_class_index(dataset.train.labels, dataset.num_classes)
         distiller.check_data(config, class_index)
     common = dict(config=config, distiller=distiller, student=student, teacher=teacher, modules=modules,
-                  steps_per_epoch=steps_per_epoch)
+                  steps_per_epoch=steps_per_epoch, logits_comparable=all(t.same_task for t in teachers))
     main_step = functools.partial(distill_step, tx=tx, mask=masks["main"], first_main_step=n_init * steps_per_epoch,
                                   **common)
     init_step = None
     if n_init:
         init_step = functools.partial(init_stage_step, init_tx=init_tx, mask=masks["init"], **common)
     return Engine(student=student, teacher=teacher, teacher_vars=teacher_vars, modules=modules, state=state,
-                  spec=state_spec(config), main_step=main_step, init_step=init_step, class_index=class_index,
-                  init_epochs=n_init)
+                  spec=state_spec(config, distiller), main_step=main_step, init_step=init_step,
+                  class_index=class_index, init_epochs=n_init, teachers=teachers, distiller=distiller)
 
 
-def distill_and_evaluate(config, workdir: str) -> dict:
-    """Distils `config.teacher` into `config.model` with `config.method`; returns the student's final eval metrics."""
-    mesh, dtype, dataset, feed = train.setup_run(config, validate)
+def setup(config) -> tuple:
+    """The pieces of a distillation run: (mesh, dtype, dataset, feed, engine, the teacher's view input or None).
+
+    The feed gives the student `config.view` and the teachers `teacher.view` (or the view they were trained on);
+    each network is built for its view's channels."""
+    train.validate_config(config, 1)  # the view keys, before reading the teachers' checkpoints
+    metas = [teacher_meta(config, p) for p in teacher_paths(config)] if config.teacher.checkpoint else []
+    t_view = teacher_view(config, metas)
+    mesh, dtype, dataset, feed = train.setup_run(config, validate, extra_features=(t_view.feature,))
     if not dataset.in_memory and distiller_of(config).needs_all_labels(config):
         raise ConfigError(f"{config.method}'s memory bank needs the labels of the whole training set: use an "
                           "in-memory data set")
+    if not t_view.is_identity and not dataset.in_memory:
+        raise ConfigError(f"teacher.view={t_view.spec}: views other than identity need an in-memory data set")
+    t_input = teacher_view_input(t_view, dataset, metas) if dataset.in_memory else None
+    if t_input is not None:
+        feed.set_teacher_view(t_input)
     spe = feed.steps_per_epoch
-    eng = build_engine(config, dataset, spe, dtype)
+    h, w, _ = dataset.image_shape
+    eng = build_engine(config, dataset, spe, dtype, student_shape=train.input_shape(dataset, config.get("view")),
+                       teacher_shape=(h, w, feeds.view_channels(t_view, dataset)))
+    return mesh, dtype, dataset, feed, eng, t_input
+
+
+def distill_and_evaluate(config, workdir: str) -> dict:
+    """Distils `config.teacher` (one teacher run's workdir, or several: an ensemble) into `config.model` with
+    `config.method`, each network seeing its view; returns the student's final eval metrics (on the student's
+    view)."""
+    mesh, dtype, dataset, feed, eng, t_input = setup(config)
+    spe = feed.steps_per_epoch
     n_init = eng.init_epochs
     main_runner = feed.make_runner(eng.main_step, dtype, num_extra=2, state_spec=eng.spec)
     init_runner = feed.make_runner(eng.init_step, dtype, num_extra=2, state_spec=eng.spec) if n_init else None
@@ -362,20 +542,57 @@ def distill_and_evaluate(config, workdir: str) -> dict:
     def schedule(step):
         return init_lr if step < n_init * spe else main_schedule(step - n_init * spe)
 
-    student, teacher = eng.student, eng.teacher
+    student = eng.student
     evaluate = feed.make_evaluator(lambda v, x: student.apply(v, x, train=False)[0], dtype)
-    evaluate_teacher = feed.make_evaluator(lambda v, x: teacher.apply(v, x, train=False)[0], dtype)
-
-    def teacher_metrics():
-        result = {f"teacher/{k.split('/')[1]}": v for k, v in evaluate_teacher(teacher_vars).items()}
-        log.info("teacher %s: eval top1 %.4f top5 %.4f", config.teacher.model, result["teacher/top1"],
-                 result["teacher/top5"])
-        return result
+    teacher_metrics = _teacher_evaluation(config, feed, eng, teacher_vars, dtype)
+    describe_teacher = config.teacher.model if len(eng.teachers) == 1 else \
+        f"an ensemble of {len(eng.teachers)} {config.teacher.model}"
+    if t_input is not None and (t_input.view.spec != feed.view_meta()["view"]):
+        describe_teacher += f" [{t_input.view.spec}]"
+    student_view = feed.view_meta()["view"]
+    describe_student = config.model + (f" [{student_view}]" if student_view != "identity" else "")
 
     stages = f" ({n_init} init-stage epochs first)" if n_init else ""
     return train.run_training(
         config, workdir, mesh, feed, eng.state, None,
         lambda st: evaluate({"params": st.params["student"], "batch_stats": st.batch_stats}), schedule,
-        describe=f"{config.method}: {config.teacher.model} -> {config.model} on {dataset.name}{stages}",
+        describe=f"{config.method}: {describe_teacher} -> {describe_student} on {dataset.name}{stages}",
         state_spec=eng.spec, before_training=teacher_metrics, runner_for_epoch=runner_for_epoch,
         extra_epochs=n_init)
+
+
+def _teacher_evaluation(config, feed, eng: Engine, teacher_vars, dtype):
+    """`teacher_metrics()`: the teachers' test accuracy on their view, logged at step 0: `teacher/top1` (/top5) of
+    the one teacher or of the ensemble (its averaged probabilities), and `teacher_<i>/top1` of each member of an
+    ensemble. Teachers trained on other classes are not evaluated on the student's labels."""
+    teachers = eng.teachers
+    if not all(t.same_task for t in teachers):
+        def skipped():
+            log.info("teacher %s: trained on another task (%s), not evaluated on %s", config.teacher.model,
+                     "; ".join(teacher_task(t) for t in teachers), dataset_task(config))
+            return {}
+        return skipped
+    modules = [t.module for t in teachers]
+
+    def ensemble_apply(variables, x):
+        if len(modules) == 1:
+            return modules[0].apply(variables, x, train=False)[0]
+        return losses.ensemble_logits([m.apply(v, x, train=False)[0] for m, v in zip(modules, variables)])
+
+    evaluate_all = feed.make_evaluator(ensemble_apply, dtype, slot=feeds.TEACHER)
+    members = []
+    if len(modules) > 1:
+        members = [feed.make_evaluator(lambda v, x, m=m: m.apply(v, x, train=False)[0], dtype, slot=feeds.TEACHER)
+                   for m in modules]
+
+    def teacher_metrics():
+        result = {f"teacher/{k.split('/')[1]}": v for k, v in evaluate_all(teacher_vars).items()}
+        for i, evaluate in enumerate(members):
+            one = evaluate(teacher_vars[i])
+            result.update({f"teacher_{i}/{k.split('/')[1]}": v for k, v in one.items()})
+            log.info("teacher %d (%s): eval top1 %.4f", i, teachers[i].path, one["eval/top1"])
+        what = config.teacher.model if len(modules) == 1 else f"ensemble of {len(modules)}"
+        log.info("teacher %s: eval top1 %.4f top5 %.4f", what, result["teacher/top1"], result["teacher/top5"])
+        return result
+
+    return teacher_metrics

@@ -7,7 +7,8 @@ see the same batches, and a resumed run sees the batches it would have seen.
 """
 from __future__ import annotations
 
-from typing import Callable, Iterator
+import dataclasses
+from typing import Callable, Iterator, Optional
 
 import jax
 import jax.numpy as jnp
@@ -17,12 +18,58 @@ from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wcord_jax import parallel
+from wcord_jax import views as views_lib
 from wcord_jax.data import DataSet
 from wcord_jax.data import augment as aug
 
 AXIS = parallel.AXIS
 # Streams folded from the run's key (stream 0 initialises parameters).
 ORDER_STREAM, AUGMENT_STREAM = 1, 2
+# The random views' keys: folded from each example's augmentation key (training) or from this key and the test
+# example's index (evaluation), and then from the view's slot (0 the trained network's, 1 the teacher's).
+EVAL_VIEW_SEED = 20_201
+STUDENT, TEACHER = "student", "teacher"
+_SLOTS = {STUDENT: 0, TEACHER: 1}
+
+
+@dataclasses.dataclass(frozen=True)
+class ViewInput:
+    """A view (`wcord_jax.views`) with the per-channel mean and std (pixel-like units) that normalise it."""
+
+    view: views_lib.View
+    mean: np.ndarray
+    std: np.ndarray
+
+    @property
+    def source(self) -> str:
+        return self.view.feature or "image"
+
+    def same_as(self, other: "ViewInput") -> bool:
+        """Whether the two inputs are always equal (a deterministic view with the same normalisation)."""
+        return (self.view.spec == other.view.spec and not self.view.random and np.array_equal(self.mean, other.mean)
+                and np.array_equal(self.std, other.std))
+
+    def meta(self) -> dict:
+        return {"view": self.view.spec, "view_mean": [float(v) for v in self.mean],
+                "view_std": [float(v) for v in self.std]}
+
+
+def view_input(view: views_lib.View, dataset: DataSet, mean=None, std=None) -> ViewInput:
+    """`view` of `dataset` with its normalisation: `mean`/`std` if given (a teacher's, from its checkpoint), the data
+    set's constants for the views that keep the image's statistics, else measured on the training split."""
+    view.check(dataset.image_shape, dataset.feature_shapes)
+    if mean is None:
+        if view.keeps_image_stats:
+            mean, std = dataset.mean, dataset.std
+        else:
+            source = dataset.train.features[view.feature] if view.feature else dataset.train.images
+            mean, std = views_lib.measure_stats(view, source)
+    return ViewInput(view, np.asarray(mean, np.float32), np.asarray(std, np.float32))
+
+
+def view_channels(view: views_lib.View, dataset: DataSet) -> int:
+    feature = dataset.feature_shapes.get(view.feature, (0, 0, 0))[-1] if view.feature else None
+    return view.channels(dataset.image_shape[-1], feature)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -58,19 +105,52 @@ def eval_indices(num: int, batch: int) -> tuple[np.ndarray, np.ndarray]:
     return idx.reshape(chunks, batch), mask.reshape(chunks, batch)
 
 
-def device_batch(state_rng, step, images, labels, idx, *, mean, std, dtype, augment: bool) -> dict:
+def _view_keys(example_keys: jax.Array, slot: str) -> jax.Array:
+    return jax.vmap(lambda k: jax.random.fold_in(k, _SLOTS[slot]))(example_keys)
+
+
+def render(inp: ViewInput, sources: dict, keys, slot: str, dtype) -> jax.Array:
+    """The normalised view `inp` of a batch: `sources` {'image': ..., feature: ...} of (augmented) pixels, `keys`
+    the examples' keys. The identity view of uint8 images is normalised as the pixels are, bit for bit."""
+    x = sources[inp.source]
+    if not inp.view.is_identity:
+        x = inp.view.apply(x.astype(jnp.float32), _view_keys(keys, slot) if inp.view.random else None)
+    return aug.normalize(x, jnp.asarray(inp.mean), jnp.asarray(inp.std), dtype)
+
+
+def device_batch(state_rng, step, images, labels, idx, *, mean, std, dtype, augment: bool,
+                 views: Optional[dict] = None) -> dict:
     """Gathers this device's examples `idx` from the resident data set and augments them on the device.
 
     Each example's crop and flip are keyed by (run key, step, its position in the global batch), so the batch is the
     same whatever the number of devices. Call inside shard_map over `data`.
+
+    `images` is the uint8 image array, or {'image': ..., feature: ...} with further features that views read;
+    `views` ({'student': ViewInput, 'teacher': ViewInput}; None: the image normalised by `mean`/`std`) gives what
+    the networks see: 'image' is the student's view (the trained network's) and 'teacher_image' the teacher's when
+    it differs. Every source of an example gets the same crop and flip.
     """
     local = idx.shape[0]
-    x = images[idx]
+    sources = {k: v[idx] for k, v in images.items()} if isinstance(images, dict) else {"image": images[idx]}
+    step_key = jax.random.fold_in(jax.random.fold_in(state_rng, AUGMENT_STREAM), step)
+    keys = aug.example_keys(step_key, lax.axis_index(AXIS) * local, local)
     if augment:
-        step_key = jax.random.fold_in(jax.random.fold_in(state_rng, AUGMENT_STREAM), step)
-        first = lax.axis_index(AXIS) * local
-        x = aug.augment_batch(aug.example_keys(step_key, first, local), x)
-    return {"image": aug.normalize(x, mean, std, dtype), "label": labels[idx], "index": idx}
+        if len(sources) == 1:
+            sources = {k: aug.augment_batch(keys, v) for k, v in sources.items()}
+        else:  # one crop and flip for all sources of an example: augment their concatenation
+            names = list(sources)
+            splits = np.cumsum([sources[k].shape[-1] for k in names])[:-1]
+            joined = aug.augment_batch(keys, jnp.concatenate([sources[k].astype(jnp.float32) for k in names], -1))
+            sources = dict(zip(names, jnp.split(joined, splits, axis=-1)))
+    batch = {"label": labels[idx], "index": idx}
+    if views is None:
+        batch["image"] = aug.normalize(sources["image"], mean, std, dtype)
+        return batch
+    batch["image"] = render(views[STUDENT], sources, keys, STUDENT, dtype)
+    teacher = views.get(TEACHER)
+    if teacher is not None and not teacher.same_as(views[STUDENT]):
+        batch["teacher_image"] = render(teacher, sources, keys, TEACHER, dtype)
+    return batch
 
 
 class InMemoryFeed:
@@ -81,18 +161,50 @@ class InMemoryFeed:
     on the mesh (`parallel.shard_batch`).
     """
 
-    def __init__(self, dataset: DataSet, mesh, batch_size: int, eval_batch_size: int, steps_per_dispatch: int = 1):
+    def __init__(self, dataset: DataSet, mesh, batch_size: int, eval_batch_size: int, steps_per_dispatch: int = 1,
+                 view: Optional[ViewInput] = None):
         self.dataset, self.mesh = dataset, mesh
         self.batch_size, self.steps_per_dispatch = batch_size, steps_per_dispatch
         self.steps_per_epoch = dataset.num_train // batch_size
-        self.images = parallel.replicate(dataset.train.images, mesh)
         self.labels = parallel.replicate(dataset.train.labels, mesh)
-        self.test_images = parallel.replicate(dataset.test.images, mesh)
         self.test_labels = parallel.replicate(dataset.test.labels, mesh)
         idx, mask = eval_indices(dataset.num_test, eval_batch_size)
         self.test_idx = parallel.shard_batch(idx, mesh, P(None, AXIS))
         self.test_mask = parallel.shard_batch(mask, mesh, P(None, AXIS))
         self._mean, self._std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
+        self.views = None
+        if view is not None and not (view.view.is_identity and np.array_equal(view.mean, dataset.mean)
+                                     and np.array_equal(view.std, dataset.std)):
+            self.views = {STUDENT: view}
+        self._place_sources()
+
+    def set_teacher_view(self, view: ViewInput) -> None:
+        """What a distillation run's teacher sees (`batch['teacher_image']` where it differs from the student's)."""
+        student = (self.views or {}).get(STUDENT) or ViewInput(views_lib.parse("identity"), self.dataset.mean,
+                                                               self.dataset.std)
+        if self.views is None and view.same_as(student):
+            return
+        self.views = {STUDENT: student, TEACHER: view}
+        self._place_sources()
+
+    def view_meta(self) -> dict:
+        """The trained network's view and its normalisation, for the checkpoint's metadata."""
+        student = (self.views or {}).get(STUDENT)
+        return student.meta() if student is not None else ViewInput(
+            views_lib.parse("identity"), self.dataset.mean, self.dataset.std).meta()
+
+    def _place_sources(self) -> None:
+        """The resident arrays the views read: the images alone, or {'image': ..., feature: ...}."""
+        features = sorted({v.view.feature for v in (self.views or {}).values() if v.view.feature})
+        if not features:
+            self.images = parallel.replicate(self.dataset.train.images, self.mesh)
+            self.test_images = parallel.replicate(self.dataset.test.images, self.mesh)
+            return
+        self.images = {"image": parallel.replicate(self.dataset.train.images, self.mesh)}
+        self.test_images = {"image": parallel.replicate(self.dataset.test.images, self.mesh)}
+        for name in features:
+            self.images[name] = parallel.replicate(self.dataset.train.features[name], self.mesh)
+            self.test_images[name] = parallel.replicate(self.dataset.test.features[name], self.mesh)
 
     def dispatches(self, rng: jax.Array, epoch: int, start: int) -> Iterator[tuple[int, tuple]]:
         """(steps, extra runner arguments) for the rest of `epoch` from step `start` within it.
@@ -115,14 +227,14 @@ class InMemoryFeed:
         (or a pytree prefix of them) for the state: replicated by default, `P('data')` for leaves split over the
         devices (a sharded negative queue).
         """
-        mean, std = self._mean, self._std
+        mean, std, views = self._mean, self._std, self.views
 
         def per_device(state, *args):
             extra, (images, labels, idx) = args[:num_extra], args[num_extra:]
 
             def body(st, step_idx):
                 batch = device_batch(st.rng, st.step, images, labels, step_idx, mean=mean, std=std, dtype=dtype,
-                                     augment=augment)
+                                     augment=augment, views=views)
                 return step_fn(st, batch, *extra)
 
             if idx.shape[0] == 1:
@@ -135,17 +247,27 @@ class InMemoryFeed:
         mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(state_spec, P()))
         return jax.jit(mapped, donate_argnums=(0,))
 
-    def make_evaluator(self, apply_fn: Callable, dtype) -> Callable[[dict], dict]:
+    def make_evaluator(self, apply_fn: Callable, dtype, slot: str = STUDENT) -> Callable[[dict], dict]:
         """`evaluate(variables) -> {eval/loss, eval/top1, eval/top5}` over the whole test split in one dispatch.
 
-        `apply_fn(variables, images)` returns logits in eval mode.
+        `apply_fn(variables, images)` returns logits in eval mode; the images are the view of `slot` ('student': the
+        trained network's, 'teacher': a distillation run's teacher's).
         """
         mean, std = self._mean, self._std
+        view = None
+        if self.views is not None:
+            view = self.views.get(slot, self.views[STUDENT])
 
         def per_device(variables, images, labels, idx, mask):
             def body(_, chunk):
                 i, m = chunk
-                logits = apply_fn(variables, aug.normalize(images[i], mean, std, dtype))
+                if view is None:
+                    x = aug.normalize(images[i], mean, std, dtype)
+                else:
+                    sources = {k: v[i] for k, v in images.items()} if isinstance(images, dict) else {"image": images[i]}
+                    keys = jax.vmap(lambda j: jax.random.fold_in(jax.random.PRNGKey(EVAL_VIEW_SEED), j))(i)
+                    x = render(view, sources, keys, slot, dtype)
+                logits = apply_fn(variables, x)
                 return None, eval_sums(logits, labels[i], m)
 
             _, sums = lax.scan(body, None, (idx, mask))
@@ -182,6 +304,14 @@ class StreamFeed:
         self.steps_per_epoch = dataset.num_train // batch_size
         self._sharding = NamedSharding(mesh, P(AXIS))
         self._mean, self._std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
+        self.views = None  # views other than the image need an in-memory data set
+
+    def set_teacher_view(self, view: ViewInput) -> None:
+        if not view.view.is_identity:
+            raise ValueError(f"view {view.view.spec}: views other than identity need an in-memory data set")
+
+    def view_meta(self) -> dict:
+        return ViewInput(views_lib.parse("identity"), self.dataset.mean, self.dataset.std).meta()
 
     def _global(self, local_batch: dict):
         return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local_batch.items()}
@@ -210,7 +340,8 @@ class StreamFeed:
         mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(state_spec, P()))
         return jax.jit(mapped, donate_argnums=(0,))
 
-    def make_evaluator(self, apply_fn: Callable, dtype) -> Callable[[dict], dict]:
+    def make_evaluator(self, apply_fn: Callable, dtype, slot: str = STUDENT) -> Callable[[dict], dict]:
+        del slot  # both networks see the image
         mean, std = self._mean, self._std
 
         def per_device(variables, batch):
@@ -250,7 +381,9 @@ def _pad(batch: dict, size: int) -> dict:
     return out
 
 
-def make_feed(dataset: DataSet, mesh, config):
+def make_feed(dataset: DataSet, mesh, config, view: Optional[ViewInput] = None):
+    """The feed of `dataset`; `view` is what the trained network sees (None: the image)."""
     if dataset.in_memory:
-        return InMemoryFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.steps_per_dispatch)
+        return InMemoryFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.steps_per_dispatch,
+                            view=view)
     return StreamFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.seed)

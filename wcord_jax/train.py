@@ -29,6 +29,7 @@ from wcord_jax import data as data_lib
 from wcord_jax import feeds
 from wcord_jax import metrics as metrics_lib
 from wcord_jax import models, parallel
+from wcord_jax import views as views_lib
 from wcord_jax.feeds import cross_entropy
 
 log = logging.getLogger("wcord_jax")
@@ -84,6 +85,12 @@ def make_optimizer(config, steps_per_epoch: int) -> optax.GradientTransformation
 # State
 
 
+def input_shape(dataset, view_spec) -> tuple[int, int, int]:
+    """(H, W, C) of what a network sees of `dataset` through the view `view_spec`."""
+    h, w, _ = dataset.image_shape
+    return h, w, feeds.view_channels(views_lib.parse(view_spec), dataset)
+
+
 def create_train_state(key: jax.Array, model, tx, image_shape) -> TrainState:
     init_key = jax.random.fold_in(key, _INIT_STREAM)
     variables = jax.jit(functools.partial(model.init, train=False))(init_key, jnp.zeros((1, *image_shape)))
@@ -137,6 +144,15 @@ def validate_config(config, num_devices: int) -> None:
             raise ConfigError(f"{key}={value} must be a positive multiple of the device count ({num_devices})")
     if config.num_epochs <= 0 or config.steps_per_dispatch <= 0:
         raise ConfigError("num_epochs and steps_per_dispatch must be positive")
+    parse_view(config.get("view"), "view")
+
+
+def parse_view(spec, key: str) -> views_lib.View:
+    """The view `spec` of config key `key`; ConfigError naming the valid views otherwise."""
+    try:
+        return views_lib.parse(spec)
+    except views_lib.ViewError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -189,15 +205,26 @@ def _check_resume_matches(workdir: str, config) -> None:
                               f"use another --workdir")
 
 
-def setup_run(config, validate: Callable) -> tuple:
-    """The mesh, activation dtype, data set and feed of a run, after `validate(config, num_devices)`."""
+def setup_run(config, validate: Callable, extra_features: tuple = ()) -> tuple:
+    """The mesh, activation dtype, data set and feed of a run, after `validate(config, num_devices)`. The feed
+    gives the trained network `config.view`; `extra_features` are further data-set features to read (another
+    network's `feature:NAME` view)."""
     try:
         mesh = parallel.make_mesh(config.get("num_devices") or None)
     except ValueError as e:  # more devices than there are, or a subset in a multi-process run
         raise ConfigError(f"num_devices={config.get('num_devices')}: {e}") from e
     validate(config, mesh.devices.size)
-    dataset = data_lib.load(config.dataset, config.seed)
-    feed = feeds.make_feed(dataset, mesh, config)
+    view = parse_view(config.get("view"), "view")
+    features = tuple(sorted({f for f in (view.feature, *extra_features) if f}))
+    dataset = data_lib.load(config.dataset, config.seed, features)
+    if not view.is_identity and not dataset.in_memory:
+        raise ConfigError(f"view={view.spec}: views other than identity need an in-memory data set, not "
+                          f"{dataset.name}")
+    try:
+        view_in = feeds.view_input(view, dataset) if dataset.in_memory else None
+    except views_lib.ViewError as e:
+        raise ConfigError(f"view: {e}") from None
+    feed = feeds.make_feed(dataset, mesh, config, view_in)
     if feed.steps_per_epoch == 0:
         raise ConfigError(f"batch_size={config.batch_size} is larger than the training set ({dataset.num_train})")
     return mesh, DTYPES[config.dtype], dataset, feed
@@ -212,7 +239,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     mesh, dtype, dataset, feed = setup_run(config, validate_config)
     model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
     tx = make_optimizer(config, feed.steps_per_epoch)
-    state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, dataset.image_shape)
+    state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape(dataset, config.get("view")))
     run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx), dtype)
     evaluate = feed.make_evaluator(lambda v, x: model.apply(v, x, train=False)[0], dtype)
     return run_training(config, workdir, mesh, feed, state, run_steps,
@@ -256,7 +283,9 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                  ", ".join(f"{e:g}" for e in decay_epochs(config)))
     writer = metrics_lib.MetricWriter(workdir, enabled=is_main)
     if before_training is not None and int(state.step) == 0:
-        writer.write(0, before_training())
+        first = before_training()
+        if first:
+            writer.write(0, first)
     result = {}
     try:
         with _StopRequest() as stop:
@@ -273,7 +302,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                 if is_main:
                     log.info("epoch %d/%d: eval top1 %.4f top5 %.4f loss %.4f", epoch + 1, num_epochs,
                              result["eval/top1"], result["eval/top5"], result["eval/loss"])
-                ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1), best=is_best)
+                ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1, feed), best=is_best)
             if not result:  # resumed a finished run: report its final evaluation again
                 result = evaluate(state)
     finally:
@@ -282,9 +311,15 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
     return result
 
 
-def _meta(config, epoch: int, result: dict, best_top1: float) -> dict:
+def _meta(config, epoch: int, result: dict, best_top1: float, feed=None) -> dict:
+    """A checkpoint's metadata: the network, the epoch, the results, and what it was trained on (the data set, its
+    classes and the network's view with its normalisation: a teacher's view is read back from here)."""
     meta = {"model": config.model, "task": config.get("task", "teacher"), "epoch": epoch,
             "best_top1": float(best_top1)}
+    if feed is not None:
+        classes = config.dataset.get("classes")
+        meta.update({"dataset": config.dataset.name, "num_classes": int(feed.dataset.num_classes),
+                     "classes": [int(c) for c in classes] if classes is not None else None, **feed.view_meta()})
     meta.update({k: float(v) for k, v in result.items()})
     return meta
 
@@ -318,7 +353,7 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
                 window, window_start, window_steps = [], time.perf_counter(), 0
             every_ckpt = config.checkpoint_every_steps
             if pos < steps_per_epoch and (stop.requested or (every_ckpt and step % every_ckpt == 0)):
-                ckpt.save(step, state, _meta(config, epoch, {}, best_top1))
+                ckpt.save(step, state, _meta(config, epoch, {}, best_top1, feed))
             if stop.requested:
                 ckpt.wait()
                 raise Interrupted(f"stopped at step {step}; run the same command again to resume")

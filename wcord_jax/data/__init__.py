@@ -44,12 +44,17 @@ class DataSet:
     def in_memory(self) -> bool:
         return self.train is not None
 
+    @property
+    def feature_shapes(self) -> dict:
+        """{name: (H, W, C)} of the further per-example features held (in-memory data sets)."""
+        return {k: tuple(int(d) for d in v.shape[1:]) for k, v in self.train.features.items()} if self.train else {}
+
 
 def _pad_to_32(data: ArrayData) -> ArrayData:
     """Zero-pads 28x28 images to 32x32 (2 pixels each side) so the CIFAR architectures apply unchanged."""
     pad = (32 - data.images.shape[1]) // 2
-    images = np.pad(data.images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    return ArrayData(images, data.labels)
+    widths = ((0, 0), (pad, pad), (pad, pad), (0, 0))
+    return ArrayData(np.pad(data.images, widths), data.labels, {k: np.pad(v, widths) for k, v in data.features.items()})
 
 
 def select_classes(data: ArrayData, classes) -> ArrayData:
@@ -58,7 +63,8 @@ def select_classes(data: ArrayData, classes) -> ArrayData:
     lut = np.full(max(int(classes.max()), int(data.labels.max(initial=0))) + 1, -1, np.int32)
     lut[classes] = np.arange(len(classes), dtype=np.int32)
     keep = np.isin(data.labels, classes)
-    return ArrayData(data.images[keep], lut[data.labels[keep]])
+    kept = data.rows(keep)
+    return ArrayData(kept.images, lut[data.labels[keep]], kept.features)
 
 
 def _check_classes(classes, num_classes: int, name: str) -> tuple[int, ...]:
@@ -69,31 +75,34 @@ def _check_classes(classes, num_classes: int, name: str) -> tuple[int, ...]:
     return classes
 
 
-def _fashion_mnist(cfg, num_train, num_test) -> tuple[ArrayData, ArrayData]:
+def _fashion_mnist(cfg, num_train, num_test, features=()) -> tuple[ArrayData, ArrayData]:
     explicit = cfg.get("data_dir")
     if explicit and sources.has_idx_files(explicit):
         directory = explicit
     elif sources.tfds_prepared("fashion_mnist", explicit):
-        return (sources.tfds_arrays("fashion_mnist", "train", explicit, False, num_train),
-                sources.tfds_arrays("fashion_mnist", "test", explicit, False, num_test))
+        return (sources.tfds_arrays("fashion_mnist", "train", explicit, False, num_train, features),
+                sources.tfds_arrays("fashion_mnist", "test", explicit, False, num_test, features))
     elif explicit is None and sources.has_idx_files(sources.FASHION_MNIST_IDX_DIR):
         directory = sources.FASHION_MNIST_IDX_DIR
     elif cfg.get("download", False):
-        return (sources.tfds_arrays("fashion_mnist", "train", explicit, True, num_train),
-                sources.tfds_arrays("fashion_mnist", "test", explicit, True, num_test))
+        return (sources.tfds_arrays("fashion_mnist", "train", explicit, True, num_train, features),
+                sources.tfds_arrays("fashion_mnist", "test", explicit, True, num_test, features))
     else:
         raise DataNotFoundError(sources.how_to_get("fashion_mnist", explicit))
+    if features:
+        raise DataConfigError(f"fashion_mnist read from idx files has no feature {features[0]!r} (only image and label)")
     train = sources.fashion_mnist_idx(directory, "train").take(num_train)
     test = sources.fashion_mnist_idx(directory, "test").take(num_test)
     return train, test
 
 
-def load(cfg, seed: int = 0) -> DataSet:
+def load(cfg, seed: int = 0, features: tuple = ()) -> DataSet:
     """Reads the data set that `cfg` (the config's `dataset` block) names. Raises ValueError / DataNotFoundError.
 
     `cfg.classes` (a tuple of class ids, or None for all) keeps only those classes, relabelled 0..n-1 in the order
     given; `num_train` / `num_test` then cap the kept examples (for `synthetic`, the set of `num_train` examples is
-    drawn first and then filtered).
+    drawn first and then filtered). `features` names further per-example features to read besides the image (a
+    second modality for a `feature:NAME` view; the synthetic set always has 'depth').
     """
     name = cfg.name
     if name not in SOURCES:
@@ -125,15 +134,15 @@ def load(cfg, seed: int = 0) -> DataSet:
         test = sources.synthetic(cfg.num_test or 256, *shape, seed=seed + 2, template_seed=seed)
         num_classes = cfg.num_classes
     elif name == "fashion_mnist":
-        train, test = _fashion_mnist(cfg, num_train, num_test)
+        train, test = _fashion_mnist(cfg, num_train, num_test, tuple(features))
         train, test = _pad_to_32(train), _pad_to_32(test)
         num_classes = sources.NUM_CLASSES[name]
     else:
         download = cfg.get("download", False)
         if not download and not sources.tfds_prepared(name, data_dir):
             raise DataNotFoundError(sources.how_to_get(name, data_dir))
-        train = sources.tfds_arrays(name, "train", data_dir, download, num_train)
-        test = sources.tfds_arrays(name, "test", data_dir, download, num_test)
+        train = sources.tfds_arrays(name, "train", data_dir, download, num_train, tuple(features))
+        test = sources.tfds_arrays(name, "test", data_dir, download, num_test, tuple(features))
         num_classes = sources.NUM_CLASSES[name]
     if classes is not None:
         train = select_classes(train, classes).take(cfg.get("num_train") if name != "synthetic" else None)

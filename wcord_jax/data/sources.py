@@ -38,13 +38,15 @@ class DataNotFoundError(RuntimeError):
 
 @dataclasses.dataclass(frozen=True)
 class ArrayData:
-    """One split held in host memory. `images` uint8 [N, H, W, C]; `labels` int32 [N].
+    """One split held in host memory. `images` uint8 [N, H, W, C]; `labels` int32 [N]; `features` further
+    per-example arrays [N, H, W, C'] of the data set (a second modality, e.g. 'depth'), by name.
 
     The data-set index of an example is its row number.
     """
 
     images: np.ndarray
     labels: np.ndarray
+    features: dict = dataclasses.field(default_factory=dict)
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -52,7 +54,11 @@ class ArrayData:
     def take(self, n: Optional[int]) -> "ArrayData":
         if n is None or n >= len(self):
             return self
-        return ArrayData(self.images[:n], self.labels[:n])
+        return self.rows(slice(0, n))
+
+    def rows(self, which) -> "ArrayData":
+        """The examples `which` (a slice, indices or a boolean mask), with their features."""
+        return ArrayData(self.images[which], self.labels[which], {k: v[which] for k, v in self.features.items()})
 
 
 def normalization(name: str, num_channels: int) -> tuple[np.ndarray, np.ndarray]:
@@ -73,7 +79,9 @@ def synthetic(num_examples: int, image_size: int, num_channels: int, num_classes
 
     Each class has a random template image (drawn from `template_seed`, so the train and test splits share them);
     an example is 3/4 its class template plus 1/4 uniform noise. The labels are therefore learnable, which lets
-    tests see a network and its distillation losses improve.
+    tests see a network and its distillation losses improve. A second modality, the 1-channel feature 'depth', is
+    3/4 another class template plus 1/4 the example's noise averaged over channels (for cross-modal runs:
+    `feature:depth`).
     """
     templates = np.random.default_rng(template_seed).integers(
         0, 256, size=(num_classes, image_size, image_size, num_channels))
@@ -81,7 +89,10 @@ def synthetic(num_examples: int, image_size: int, num_channels: int, num_classes
     labels = rng.integers(0, num_classes, size=(num_examples,), dtype=np.int32)
     noise = rng.integers(0, 256, size=(num_examples, image_size, image_size, num_channels))
     images = ((3 * templates[labels] + noise) // 4).astype(np.uint8)
-    return ArrayData(images, labels)
+    depth_templates = np.random.default_rng(template_seed + 1_000_003).integers(
+        0, 256, size=(num_classes, image_size, image_size, 1))
+    depth = ((3 * depth_templates[labels] + noise.mean(-1, keepdims=True)) // 4).astype(np.uint8)
+    return ArrayData(images, labels, {"depth": depth})
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -163,8 +174,10 @@ def how_to_get(name: str, data_dir: Optional[str]) -> str:
     return msg
 
 
-def tfds_arrays(name: str, split: str, data_dir: Optional[str], download: bool, num: Optional[int]) -> ArrayData:
-    """Loads a whole split of a small TFDS data set into memory, in TFDS's deterministic file order."""
+def tfds_arrays(name: str, split: str, data_dir: Optional[str], download: bool, num: Optional[int],
+                features: tuple = ()) -> ArrayData:
+    """Loads a whole split of a small TFDS data set into memory, in TFDS's deterministic file order, with the
+    further per-example `features` (by TFDS feature name; [N, H, W] arrays get a channel axis)."""
     try:
         import tensorflow as tf
         import tensorflow_datasets as tfds
@@ -182,4 +195,10 @@ def tfds_arrays(name: str, split: str, data_dir: Optional[str], download: bool, 
     arrays = tfds.as_numpy(ds)
     images = np.asarray(arrays["image"], dtype=np.uint8)
     labels = np.asarray(arrays["label"], dtype=np.int32)
-    return ArrayData(images, labels)
+    extra = {}
+    for feature in features:
+        if feature not in arrays:
+            raise DataNotFoundError(f"{name} has no feature {feature!r}; its features: {', '.join(sorted(arrays))}")
+        value = np.asarray(arrays[feature])
+        extra[feature] = value[..., None] if value.ndim == 3 else value
+    return ArrayData(images, labels, extra)

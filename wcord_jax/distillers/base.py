@@ -20,7 +20,9 @@ method and for nothing else:
   FSP): what that stage trains and its loss;
 * `frozen_in_main`: modules the main stage does not train;
 * `needs_all_labels(config)` / `check_data(config, class_index)`: whether it samples negatives from the whole
-  training set's labels (an in-memory data set), and its checks against them.
+  training set's labels (an in-memory data set), and its checks against them;
+* `ensemble` / `uses_teacher_logits`: how it distils several teachers (`--config.teacher.checkpoint=a,b,c`), and
+  whether its term reads the teacher's logits (then a teacher trained on other classes is refused).
 
 Everything has a default, so a method that only adds a loss term defines `name`, `weights` and `term`.
 """
@@ -52,6 +54,8 @@ class StepInputs:
       axis_name: the mesh axis of the data-parallel batch.
       steps_per_epoch: steps of one epoch.
       first_main_step: the first step of the main stage (after an init stage).
+      teachers: for an ensemble of teachers, each teacher's (logits, feature list); t_logits are then the
+        ensemble's (log of the averaged probabilities) and t_feats the first teacher's. () for one teacher.
     """
 
     config: Any
@@ -68,6 +72,7 @@ class StepInputs:
     axis_name: str
     steps_per_epoch: int
     first_main_step: int
+    teachers: tuple = ()
 
 
 class Term(NamedTuple):
@@ -97,6 +102,10 @@ class Distiller:
     init_trains_student: bool = True  # the init stage runs the student in training mode (its BatchNorm statistics)
     frozen_in_main: tuple = ()  # modules the main stage does not train
     bench_shares: tuple = ()  # parts of the step the throughput bench times apart ('negatives', 'local')
+    # How it distils an ensemble of teachers: 'logits' (it reads the teachers' logits only: it gets the ensemble's),
+    # 'per_teacher' (its modules and state once per teacher, the mean of the per-teacher terms) or '' (it cannot).
+    ensemble: str = ""
+    uses_teacher_logits: bool = False  # its term reads the teacher's logits (refused for a teacher of other classes)
 
     def __init__(self, name: str = "", **attributes):
         if name:

@@ -55,6 +55,7 @@ class CRD(Distiller):
     weights = (1.0, 0.0, 0.8)
     config_section = "crd"
     bench_shares = ("negatives",)
+    ensemble = "per_teacher"
 
     def defaults(self):
         c = ml_collections.ConfigDict()

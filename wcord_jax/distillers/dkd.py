@@ -26,6 +26,8 @@ class DKD(Distiller):
     description = "decoupled KD: target-class and non-target-class KD weighted apart (mdistiller)"
     weights = (1.0, 0.0, 1.0)
     config_section = "dkd"
+    ensemble = "logits"  # an ensemble's logits: the log of its averaged probabilities
+    uses_teacher_logits = True
 
     def defaults(self):
         c = ml_collections.ConfigDict()

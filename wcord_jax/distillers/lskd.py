@@ -38,6 +38,8 @@ class LSKD(Distiller):
     description = "logit-standardised KD: KD between per-example Z-scores of the logits (Sun et al.)"
     weights = (0.1, 0.0, 9.0)
     config_section = "lskd"
+    ensemble = "logits"  # an ensemble's logits: the log of its averaged probabilities
+    uses_teacher_logits = True
 
     def defaults(self):
         c = ml_collections.ConfigDict()

@@ -59,6 +59,7 @@ class WCoRD(Distiller):
     weights = (1.0, 0.0, 0.8)
     config_section = "wcord"
     bench_shares = ("local", "negatives")
+    ensemble = "per_teacher"
 
     def defaults(self):
         c = ml_collections.ConfigDict()

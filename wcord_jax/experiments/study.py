@@ -451,7 +451,6 @@ def main(argv: list[str]) -> None:
     from absl import flags
 
     from wcord_jax import main as cli
-    from wcord_jax import train
 
     del argv
     overrides = dict(flags.FLAGS["config"].override_values) if cli._CONFIG.value is not None else {}  # noqa: SLF001
@@ -462,22 +461,31 @@ def main(argv: list[str]) -> None:
         cli._fail(f"cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")  # noqa: SLF001
     except (ValueError, KeyError, AttributeError, TypeError) as e:
         cli._fail(str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__)  # noqa: SLF001
-    workdir = flags.FLAGS.workdir or "runs/study"
+    run_and_report(config, flags.FLAGS.workdir or "runs/study", run_all, write_report, f"results{suffix(config)}.md",
+                   flags.FLAGS.report_only)
+
+
+def run_and_report(config, workdir: str, run_all, write_report, report_name: str, report_only: bool) -> None:
+    """An experiment's command: its runs (unless `report_only`; a ConfigError is one line and exit status 2), then
+    its report, printed."""
+    from wcord_jax import main as cli
+    from wcord_jax import train
+
     os.makedirs(workdir, exist_ok=True)
     cli._setup_logging()  # noqa: SLF001
     # The runs of one method differ only in their seeds: compile each program once, keep it for the other seeds
-    # (and for a resumed study).
+    # (and for a resumed experiment).
     import jax
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if not flags.FLAGS.report_only:
+    if not report_only:
         try:
             run_all(config, workdir)
         except train.ConfigError as e:
             cli._fail(str(e))  # noqa: SLF001
     write_report(config, workdir)
-    with open(os.path.join(workdir, f"results{suffix(config)}.md"), encoding="utf-8") as f:
+    with open(os.path.join(workdir, report_name), encoding="utf-8") as f:
         print(f.read())
 
 

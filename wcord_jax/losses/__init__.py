@@ -18,7 +18,7 @@ from wcord_jax.losses.dkd import dkd_loss, dkd_warmup
 from wcord_jax.losses.fitnet import fitnet_loss
 from wcord_jax.losses.fsp import fsp_loss
 from wcord_jax.losses.ft import ft_loss
-from wcord_jax.losses.kd import kd_loss
+from wcord_jax.losses.kd import ensemble_logits, ensemble_probs, kd_loss, kd_loss_ensemble
 from wcord_jax.losses.nst import nst_loss
 from wcord_jax.losses.pkt import pkt_loss
 from wcord_jax.losses.rkd import rkd_loss
@@ -32,7 +32,8 @@ __all__ = [
     "CRDState", "ClassIndex", "QueueState",
     "build_class_index", "crd_loss", "crd_nce_loss", "crd_probs", "init_crd_state", "sample_contrast_idx",
     "update_crd_memories", "update_memory",
-    "infonce_from_logits", "infonce_logits", "init_queue_state", "kd_loss", "queue_state_specs",
+    "ensemble_logits", "ensemble_probs", "infonce_from_logits", "infonce_logits", "init_queue_state", "kd_loss",
+    "kd_loss_ensemble", "queue_state_specs",
     "wcord_global_loss", "wcord_global_loss_batch", "wcord_global_loss_memory", "wcord_local_loss",
     "ab_loss", "at_loss", "cc_loss", "dkd_loss", "dkd_warmup", "fitnet_loss", "fsp_loss", "ft_loss", "nst_loss",
     "pkt_loss", "rkd_loss", "sp_loss", "vid_loss",
