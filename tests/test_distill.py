@@ -219,3 +219,15 @@ def test_bad_wcord_settings_are_one_clear_error(key, value, message):
     config.wcord[key] = value
     with pytest.raises(train.ConfigError, match=f"^{message}$"):
         distill.validate(config, 1)
+
+
+def test_crd_with_more_negatives_than_a_pool_draws_with_replacement_and_says_so_once(teacher_dir, caplog):
+    from conftest import first_steps
+
+    config = _distill_config("crd", teacher_dir)
+    config.crd.nce_k = 100  # the other-class pools of the 128-example, 4-class set hold about 96
+    with caplog.at_level("WARNING", logger="wcord_jax"):
+        metrics = first_steps(config, 2)
+    warnings = [r.getMessage() for r in caplog.records if "crd.nce_k=100" in r.getMessage()]
+    assert len(warnings) == 1 and "with replacement, as RepDistiller does" in warnings[0]
+    assert all(np.isfinite(m["crd"]) for m in metrics)

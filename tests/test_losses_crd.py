@@ -243,7 +243,18 @@ def test_sample_without_replacement_is_uniform_over_positions_at_small_scale():
     assert chi2 < 19 + 5 * math.sqrt(38), chi2
 
 
-def test_sample_without_replacement_rejects_too_many_negatives():
-    ci = build_class_index(np.array([0, 0, 0, 1, 1]))
-    with pytest.raises(ValueError, match="replace=True"):
-        sample_contrast_idx(jax.random.key(0), jnp.zeros((2,), jnp.int32), jnp.zeros((2,), jnp.int32), ci, 3)
+def test_anchors_whose_pool_is_smaller_than_k_draw_with_replacement():
+    """RepDistiller's rule: an anchor of a class whose other-class pool is smaller than K samples with replacement;
+    the others still draw K distinct negatives."""
+    labels = np.array([0] * 6 + [1] * 3 + [2] * 2)  # pools: class 0 -> 5, class 1 -> 8, class 2 -> 9
+    ci = build_class_index(labels)
+    idx = jnp.asarray(np.repeat([0, 6, 9], 300), jnp.int32)
+    out = np.asarray(sample_contrast_idx(jax.random.key(0), idx, jnp.asarray(labels)[idx], ci, 7))
+    neg, anchor = out[:, 1:], labels[np.asarray(idx)]
+    assert np.all(labels[neg] != anchor[:, None])
+    small = anchor == 0  # pool 5 < K = 7: repeats are unavoidable, and every pool member appears
+    assert all(len(np.unique(r)) <= 5 for r in neg[small]) and set(neg[small].ravel()) == set(np.flatnonzero(labels))
+    assert all(len(np.unique(r)) == 7 for r in neg[~small])  # pools 8 and 9 >= K: distinct
+    # K beyond every pool: all anchors with replacement.
+    out = np.asarray(sample_contrast_idx(jax.random.key(1), idx, jnp.asarray(labels)[idx], ci, 20))
+    assert np.all(labels[out[:, 1:]] != anchor[:, None])

@@ -8,6 +8,7 @@ memories updated at the batch's indices. Settings `config.crd.*`, RepDistiller's
 from __future__ import annotations
 
 import functools
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -19,7 +20,8 @@ from wcord_jax import heads, losses
 from wcord_jax.data import augment
 from wcord_jax.distillers import register
 from wcord_jax.distillers.base import Distiller, StepInputs, Term
-from wcord_jax.train import ConfigError
+
+log = logging.getLogger("wcord_jax")
 
 
 def contrast_idx(key, batch, class_index, crd_config, axis_name):
@@ -44,10 +46,14 @@ def embed_heads(feat_dim: int, s_shapes, t_shapes, spectral: bool = False, power
 
 
 def check_negatives(crd_config, class_index) -> None:
-    """Sampling without replacement needs nce_k examples of the other classes for every anchor."""
+    """Says once when some anchors cannot draw nce_k distinct negatives: those draw with replacement (RepDistiller)."""
     if not crd_config.sample_with_replacement and crd_config.nce_k > class_index.min_others:
-        raise ConfigError(f"crd.nce_k={crd_config.nce_k} exceeds the {class_index.min_others} examples of the other "
-                          "classes: lower it or set crd.sample_with_replacement=True")
+        pools = class_index.n_data - np.asarray(class_index.count)
+        short = [int(c) for c in np.flatnonzero(pools < crd_config.nce_k)]
+        log.warning("crd.nce_k=%d exceeds the other-class pool of class%s %s (smallest %d examples): anchors of %s "
+                    "draw their negatives with replacement, as RepDistiller does", crd_config.nce_k,
+                    "es" if len(short) > 1 else "", ", ".join(map(str, short[:10])) + (" ..." if len(short) > 10 else ""),
+                    class_index.min_others, "those classes" if len(short) > 1 else "that class")
 
 
 class CRD(Distiller):

@@ -301,8 +301,9 @@ def sample_contrast_idx(key: jax.Array, idx: jax.Array, labels: jax.Array, class
     * `replace=False` (default, RepDistiller CIFAR semantics: `np.random.choice(cls_negative[y], K, replace=False)`):
       the K negatives of a row are distinct, every K-subset of the pool equally likely (see
       `_positions_without_replacement`). Costs a [B, N - min_count] random draw and sort per call: fine on GPU
-      (CIFAR: 64 x 49,500), about 0.2 s on two CPU cores. Requires K <= N - max(count) (RepDistiller would silently
-      switch to sampling with replacement for a class whose pool is smaller than K; here it is an error).
+      (CIFAR: 64 x 49,500), about 0.2 s on two CPU cores. An anchor whose pool is smaller than K draws its K
+      negatives with replacement instead, as RepDistiller does (`replace = k > len(cls_negative[target])`); the
+      anchors whose pool holds K draw exactly as when every pool does.
     * `replace=True`: K independent uniform draws from the pool (RepDistiller's ImageNet loader semantics); O(B·K),
       the fast option, and the one to use when N is large.
 
@@ -331,12 +332,14 @@ def sample_contrast_idx(key: jax.Array, idx: jax.Array, labels: jax.Array, class
     pool = class_index.n_data - count
     if replace:
         positions = jax.random.randint(key, (idx.shape[0], k), 0, pool[:, None], dtype=jnp.int32)
-    else:
-        if k > class_index.min_others:
-            raise ValueError(
-                f"num_negatives={k} exceeds the smallest other-class pool ({class_index.min_others} examples); "
-                "sampling without replacement is impossible, pass replace=True")
+    elif k <= class_index.min_others:
         positions = _positions_without_replacement(key, pool, class_index.max_others, k)
+    else:  # some pools are smaller than K: their anchors draw with replacement (RepDistiller's rule)
+        key_without, key_with = jax.random.split(key)
+        positions = jax.random.randint(key_with, (idx.shape[0], k), 0, pool[:, None], dtype=jnp.int32)
+        if k <= class_index.max_others:
+            without = _positions_without_replacement(key_without, pool, class_index.max_others, k)
+            positions = jnp.where(pool[:, None] >= k, without, positions)
     skip = jnp.where(positions < start[:, None], 0, count[:, None])
     negatives = class_index.order[positions + skip]
     return jnp.concatenate([idx.astype(jnp.int32)[:, None], negatives.astype(jnp.int32)], axis=1)
