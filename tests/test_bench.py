@@ -75,3 +75,25 @@ def test_unknown_method_is_one_error_line_and_exit_2():
     assert out.returncode == 2 and len(lines) == 1 and "Traceback" not in out.stderr, out.stderr
     assert lines[0].startswith("error: ") and "unknown method 'foo'" in lines[0], lines[0]
     assert out.stdout == ""
+
+
+def test_accelerator_table_runs_its_smallest_setting_on_the_cpu(tmp_path):
+    """benchmarks/accelerator.sh as a user runs it, at its smallest setting: one table with a row per method."""
+    from wcord_jax import bench_table
+
+    rows = bench_table.rows()
+    assert len(rows) == 48 and rows[0] == {"method": "wcord", "teacher": "resnet32x4", "student": "resnet8x4",
+                                           "dtype": "bfloat16", "batch_size": 1024, "steps_per_dispatch": 8}
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run(["bash", os.path.join(root, "benchmarks", "accelerator.sh"), "--smallest", "--out",
+                          str(tmp_path / "rows.jsonl")], cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+    assert len(lines) == 3 and lines[0].startswith("| method | teacher -> student | dtype | batch")
+    records = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    assert [r["method"] for r in records] == ["wcord", "crd"] and all(r["img_per_s"] > 0 for r in records)
+    minutes = 240 * 50_000 / records[0]["img_per_s"] / 60
+    assert f"{minutes:,.1f} min" in lines[1] and "| wcord | wrn_40_2 -> wrn_16_2 | float32 | 64 | 1 |" in lines[1]
+    skipped = bench_table.table(records[:1], rows[1:2])
+    assert skipped.splitlines()[-1].endswith("| skipped (time budget) | | | | |")
