@@ -258,3 +258,28 @@ def test_anchors_whose_pool_is_smaller_than_k_draw_with_replacement():
     # K beyond every pool: all anchors with replacement.
     out = np.asarray(sample_contrast_idx(jax.random.key(1), idx, jnp.asarray(labels)[idx], ci, 20))
     assert np.all(labels[out[:, 1:]] != anchor[:, None])
+
+
+def test_radix_select_draws_the_same_negatives_as_a_sort():
+    """The k-th smallest key by radix select equals a sort's, on random keys, ties and rows of padding, so the
+    negatives are those the sort-based draw gives, bit for bit."""
+    from wcord_jax.losses import crd as crd_lib
+
+    keys = jax.random.bits(jax.random.key(3), (16, 999), jnp.uint32)
+    keys = keys.at[:4].set(keys[:4] % 7)  # many ties
+    keys = keys.at[4:8, 500:].set(jnp.uint32(0xFFFFFFFF))  # padded rows, as short pools have
+    for k in (1, 2, 37, 500, 999):
+        np.testing.assert_array_equal(crd_lib.kth_smallest(keys, k), jnp.sort(keys, axis=1)[:, k - 1:k])
+
+    labels = _labels()
+    ci = build_class_index(labels)
+    idx = jnp.asarray(np.random.default_rng(0).choice(labels.size, 32, replace=False), jnp.int32)
+    key = jax.random.key(5)
+    got = sample_contrast_idx(key, idx, jnp.asarray(labels)[idx], ci, 60)
+    original = crd_lib.kth_smallest
+    try:  # the same draw with the threshold from a sort (the previous implementation)
+        crd_lib.kth_smallest = lambda keys, k: jnp.sort(keys, axis=1)[:, k - 1:k]
+        want = sample_contrast_idx(key, idx, jnp.asarray(labels)[idx], ci, 60)
+    finally:
+        crd_lib.kth_smallest = original
+    np.testing.assert_array_equal(got, want)
