@@ -283,3 +283,27 @@ def test_radix_select_draws_the_same_negatives_as_a_sort():
     finally:
         crd_lib.kth_smallest = original
     np.testing.assert_array_equal(got, want)
+
+
+def test_gemm_and_gather_scores_give_the_same_loss_state_and_gradients():
+    from wcord_jax.losses import crd as crd_lib
+
+    assert crd_lib.scores_by_gemm(50_000, 16_385) and not crd_lib.scores_by_gemm(1_281_167, 16_385)
+    state, batches = _setup(n=300, d=16, b=8, k=40)
+    for scores in ("gemm", "gather"):
+        assert crd_lib.scores_by_gemm(300, 41, scores) == (scores == "gemm")
+    st = {"gemm": state, "gather": state}
+    for es, et, idx, cidx in batches:  # three steps: Z estimated on the first, memories carried
+        out = {}
+        for scores in ("gemm", "gather"):
+            fn = jax.value_and_grad(lambda s, t, sc=scores: crd_loss(st[sc], s, t, idx, cidx, scores=sc)[0],
+                                    argnums=(0, 1))
+            out[scores] = fn(es, et)
+            st[scores] = crd_loss(st[scores], es, et, idx, cidx, scores=scores)[1]
+        (lg, (gs_g, gt_g)), (ll, (gs_l, gt_l)) = out["gemm"], out["gather"]
+        np.testing.assert_allclose(lg, ll, rtol=1e-6)
+        for a, b in ((gs_g, gs_l), (gt_g, gt_l)):
+            np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(np.abs(b).max()))
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7), st["gemm"], st["gather"])
+    with pytest.raises(ValueError, match="valid: auto, gemm, gather"):
+        crd_lib.scores_by_gemm(10, 2, "dense")
