@@ -450,17 +450,17 @@ class Engine:
 
 
 def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None, student_shape=None,
-                 teacher_shape=None) -> Engine:
+                 teacher_shape=None, metas=None) -> Engine:
     """Teachers (restored from `config.teacher.checkpoint` unless `teacher_vars` is given), student, the
     distiller's modules, the initial state, the optimizers and the step functions, with the configuration checks
     that need the networks' shapes. `student_shape` / `teacher_shape` are the (H, W, C) each network sees (their
-    views; default the data set's images)."""
+    views; default the data set's images); `metas` the teachers' checkpoint metadata if already read."""
     student_shape = tuple(student_shape or dataset.image_shape)
     teacher_shape = tuple(teacher_shape or dataset.image_shape)
     inner = distiller_of(config)
     if teacher_vars is None:
         paths = teacher_paths(config)
-        metas = [teacher_meta(config, p) for p in paths]
+        metas = metas if metas is not None else [teacher_meta(config, p) for p in paths]
         spec = teacher_view(config, metas).spec
         teachers = [load_teacher(config, p, m, dataset, teacher_shape, dtype, spec) for p, m in zip(paths, metas)]
     else:
@@ -516,7 +516,7 @@ def setup(config) -> tuple:
     spe = feed.steps_per_epoch
     h, w, _ = dataset.image_shape
     eng = build_engine(config, dataset, spe, dtype, student_shape=train.input_shape(dataset, config.get("view")),
-                       teacher_shape=(h, w, feeds.view_channels(t_view, dataset)))
+                       teacher_shape=(h, w, feeds.view_channels(t_view, dataset)), metas=metas)
     return mesh, dtype, dataset, feed, eng, t_input
 
 

@@ -67,6 +67,12 @@ def view_input(view: views_lib.View, dataset: DataSet, mean=None, std=None) -> V
     return ViewInput(view, np.asarray(mean, np.float32), np.asarray(std, np.float32))
 
 
+def identity_input(dataset: DataSet) -> ViewInput:
+    """The plain image normalised by the data set's constants: what a network sees without a view."""
+    return ViewInput(views_lib.parse("identity"), np.asarray(dataset.mean, np.float32),
+                     np.asarray(dataset.std, np.float32))
+
+
 def view_channels(view: views_lib.View, dataset: DataSet) -> int:
     feature = dataset.feature_shapes.get(view.feature, (0, 0, 0))[-1] if view.feature else None
     return view.channels(dataset.image_shape[-1], feature)
@@ -173,15 +179,13 @@ class InMemoryFeed:
         self.test_mask = parallel.shard_batch(mask, mesh, P(None, AXIS))
         self._mean, self._std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
         self.views = None
-        if view is not None and not (view.view.is_identity and np.array_equal(view.mean, dataset.mean)
-                                     and np.array_equal(view.std, dataset.std)):
+        if view is not None and not view.same_as(identity_input(dataset)):
             self.views = {STUDENT: view}
         self._place_sources()
 
     def set_teacher_view(self, view: ViewInput) -> None:
         """What a distillation run's teacher sees (`batch['teacher_image']` where it differs from the student's)."""
-        student = (self.views or {}).get(STUDENT) or ViewInput(views_lib.parse("identity"), self.dataset.mean,
-                                                               self.dataset.std)
+        student = (self.views or {}).get(STUDENT) or identity_input(self.dataset)
         if self.views is None and view.same_as(student):
             return
         self.views = {STUDENT: student, TEACHER: view}
@@ -189,9 +193,7 @@ class InMemoryFeed:
 
     def view_meta(self) -> dict:
         """The trained network's view and its normalisation, for the checkpoint's metadata."""
-        student = (self.views or {}).get(STUDENT)
-        return student.meta() if student is not None else ViewInput(
-            views_lib.parse("identity"), self.dataset.mean, self.dataset.std).meta()
+        return ((self.views or {}).get(STUDENT) or identity_input(self.dataset)).meta()
 
     def _place_sources(self) -> None:
         """The resident arrays the views read: the images alone, or {'image': ..., feature: ...}."""
@@ -311,7 +313,7 @@ class StreamFeed:
             raise ValueError(f"view {view.view.spec}: views other than identity need an in-memory data set")
 
     def view_meta(self) -> dict:
-        return ViewInput(views_lib.parse("identity"), self.dataset.mean, self.dataset.std).meta()
+        return identity_input(self.dataset).meta()
 
     def _global(self, local_batch: dict):
         return {k: jax.make_array_from_process_local_data(self._sharding, v) for k, v in local_batch.items()}
