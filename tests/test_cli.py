@@ -58,6 +58,7 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     # Only the library's own `HH:MM:SS message` lines: no jax INFO line about backends this machine lacks.
     assert "Unable to initialize backend" not in out.stderr
+    assert "XLA:CPU: CPU devices as XLA_FLAGS sets them" in out.stderr  # wcord_jax.host's choice, logged once
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in out.stderr.splitlines() if line.strip()), out.stderr
 
     killed = tmp_path / "killed"

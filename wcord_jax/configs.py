@@ -54,6 +54,10 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.checkpoint_every_steps = 0  # extra checkpoints inside an epoch (0: only at epoch ends)
     c.keep_checkpoints = 3
     c.num_devices = 0  # use the first N devices of the data mesh (0: all)
+    # XLA:CPU at start-up (wcord_jax.host): the host CPU split into this many devices (0: one per usable core that
+    # divides the batch sizes; 1: one device), and its oneDNN kernels (auto: on where the CPU has AMX).
+    c.cpu_devices = 0
+    c.cpu_onednn = "auto"
     c.progress_bar = True  # a tqdm bar per epoch when stderr is a terminal
     # What the trained network sees of each example (wcord_jax.views): identity, gray, lab_l, lab_ab,
     # downsample:K, mask:FRACTION, edges, noise:STD or feature:NAME; applied on the device after augmentation.

@@ -67,6 +67,18 @@ def _setup_logging() -> None:
     logging.getLogger("jax").setLevel(logging.WARNING)
 
 
+def _configure_host(config) -> None:
+    """XLA:CPU's device count and oneDNN (`wcord_jax.host`), before anything creates a device."""
+    from wcord_jax import host
+
+    try:
+        host.configure(config)  # its note is logged by the run once the config is validated (CPU backend only)
+    except ValueError as e:
+        _fail(str(e))
+    except OSError as e:  # config_flags defers a missing or broken config file until first use
+        _fail(f"cannot load the config file: {str(e).strip().splitlines()[-1].strip()}")
+
+
 def parse_flags(argv: list[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
@@ -84,6 +96,7 @@ def main(argv: list[str]) -> None:
     if not workdir:
         _fail("--workdir is required: the directory for checkpoints and metrics")
     _setup_logging()
+    _configure_host(config)
 
     from wcord_jax import parallel  # after flag parsing: importing JAX is slow
 

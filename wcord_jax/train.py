@@ -26,7 +26,7 @@ from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import data as data_lib
-from wcord_jax import feeds
+from wcord_jax import feeds, host
 from wcord_jax import metrics as metrics_lib
 from wcord_jax import models, parallel
 from wcord_jax import views as views_lib
@@ -214,6 +214,8 @@ def setup_run(config, validate: Callable, extra_features: tuple = ()) -> tuple:
     except ValueError as e:  # more devices than there are, or a subset in a multi-process run
         raise ConfigError(f"num_devices={config.get('num_devices')}: {e}") from e
     validate(config, mesh.devices.size)
+    if host.NOTE and jax.default_backend() == "cpu":
+        log.info("%s", host.NOTE)
     view = parse_view(config.get("view"), "view")
     features = tuple(sorted({f for f in (view.feature, *extra_features) if f}))
     dataset = data_lib.load(config.dataset, config.seed, features)
