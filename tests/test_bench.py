@@ -48,8 +48,10 @@ def test_wcord_bench_prints_one_json_line_with_both_shares_and_needs_no_tensorfl
     r = json.loads(lines[0])
     _check_record(r, "wcord")
     assert 0.0 <= r["sinkhorn_share"] <= 1.0 and 0.0 <= r["negatives_share"] <= 1.0
-    assert r["ms_per_step_no_local"] > 0 and r["ms_per_step_no_negatives"] > 0
-    assert "bench [no_local]" in out.stderr and "bench [no_negatives]" in out.stderr  # progress on stderr
+    assert 0.0 <= r["terms_share"] <= 1.0
+    assert r["ms_per_step_no_local"] > 0 and r["ms_per_step_no_negatives"] > 0 and r["ms_per_step_no_terms"] > 0
+    for variant in ("no_local", "no_negatives", "no_terms"):
+        assert f"bench [{variant}]" in out.stderr  # progress on stderr
 
 
 def test_student_alone_has_no_shares():
@@ -57,7 +59,7 @@ def test_student_alone_has_no_shares():
     config.batch_size, config.dataset.image_size, config.dataset.num_train = 8, 16, 256
     r = bench.run_benchmark(config, steps=2, warmup=1, overridden={"dataset.image_size", "dataset.num_train"})
     _check_record(json.loads(json.dumps(r)), "none")
-    assert r["sinkhorn_share"] is None and r["negatives_share"] is None
+    assert r["sinkhorn_share"] is None and r["negatives_share"] is None and r["terms_share"] is None
 
 
 def test_bench_forces_the_synthetic_set_with_cifar100_shapes():

@@ -20,7 +20,9 @@ The shares are measured by compiling the same step again with one part replaced 
 * `sinkhorn_share` (WCoRD): `losses.wcord_local_loss` returns a zero that depends on the embeddings;
 * `negatives_share` (CRD, WCoRD): `losses.crd_loss`, `losses.wcord_global_loss` and
   `losses.wcord_global_loss_memory` score only the positive pair and return the state unchanged, and
-  `losses.sample_contrast_idx` draws nothing, so no negative is sampled, gathered, scored or written.
+  `losses.sample_contrast_idx` draws nothing, so no negative is sampled, gathered, scored or written;
+* `terms_share` (WCoRD): both stand-ins at once, i.e. what the step costs beyond the two networks and the heads
+  (the global term's negatives and the local Sinkhorn term together).
 
 share = max(0, 1 - t_off / t_full). All variants are compiled and warmed up first; then each round times `--steps`
 steps of every variant, in blocks that interleave the variants (so that a change in the machine's load hits them
@@ -265,7 +267,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     """
     import jax
     import numpy as np
-    from wcord_jax import distill, parallel, train
+    from wcord_jax import distill, host, parallel, train
     from wcord_jax.train import ConfigError
 
     if config.get("task") != "distill":
@@ -289,6 +291,8 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     log.info("bench %s: %s -> %s, batch %d, %s, %d device(s) (%s), %d train images %s, steps_per_dispatch %d",
              method, config.teacher.model, config.model, config.batch_size, config.dtype, mesh.devices.size,
              jax.devices()[0].device_kind, dataset.num_train, "x".join(map(str, dataset.image_shape)), spd)
+    if host.NOTE and jax.default_backend() == "cpu":
+        log.info("%s", host.NOTE)
 
     extra_variants, variants = list(variants), [("full", {})]
     parts = distill.distiller_of(config).bench_shares if shares else ()
@@ -296,6 +300,8 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         variants.append(("no_local", LOCAL_OFF))
     if "negatives" in parts:
         variants.append(("no_negatives", NEGATIVES_OFF))
+    if "local" in parts and "negatives" in parts:
+        variants.append(("no_terms", {**LOCAL_OFF, **NEGATIVES_OFF}))
     variants += extra_variants
     built, peak = {}, None
     for name, replacements in variants:
@@ -350,12 +356,15 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         "process_cpu_util": round(sum(full.cpu_times) / max(sum(full.times), 1e-9), 2),
         "cpu_ms_per_step": round(1e3 * statistics.median(full.cpu_times) / timed_steps, 2),
         "sinkhorn_share": share("no_local"), "negatives_share": share("no_negatives"),
+        "terms_share": share("no_terms"),
         "ms_per_step_no_local": ms("no_local"), "ms_per_step_no_negatives": ms("no_negatives"),
+        "ms_per_step_no_terms": ms("no_terms"),
         # The same shares from the process's CPU time instead of wall time: steadier on a CPU that other processes
         # share (the work a step does changes little when it gets fewer cores; its wall time does).
         # Null off the CPU backend, where the host's CPU time says nothing about the device's work.
         "cpu_sinkhorn_share": share("no_local", c) if on_cpu else None,
         "cpu_negatives_share": share("no_negatives", c) if on_cpu else None,
+        "cpu_terms_share": share("no_terms", c) if on_cpu else None,
         "num_train": dataset.num_train, "image_shape": list(dataset.image_shape),
         "num_classes": dataset.num_classes, "teacher_weights": teacher_source,
         "final_loss": loss if math.isfinite(loss) else None, "jax_version": jax.__version__,
@@ -381,6 +390,7 @@ def main(argv: list[str]) -> None:
     if config is None:
         cli._fail("--config is required, e.g. --config configs/distill.py:crd,resnet32x4,resnet8x4")  # noqa: SLF001
     cli._setup_logging()  # noqa: SLF001
+    cli._configure_host(config)  # noqa: SLF001
 
     from wcord_jax.data import DataNotFoundError
     from wcord_jax.train import ConfigError
