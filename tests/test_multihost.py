@@ -9,6 +9,7 @@ Speed (2 CPU cores): XLA's backend optimisation is turned off and the runs share
 the one-process runs and the two-process runs go side by side.
 """
 import json
+import signal
 import os
 import socket
 import subprocess
@@ -178,3 +179,46 @@ def test_distributed_settings_from_the_environment(env, expected):
 def test_bad_distributed_settings_name_the_variable(env, message):
     with pytest.raises(ValueError, match=message):
         parallel.distributed_settings(env)
+
+
+def test_sigterm_to_every_process_saves_one_checkpoint_at_one_step_and_the_rerun_resumes(tmp_path):
+    """A preemption of a 2-process run: every process gets SIGTERM; they stop after the same dispatch, write one
+    finished checkpoint together and exit with status 130; the rerun of both resumes from that step and finishes."""
+    cache, workdir = str(tmp_path / "jax_cache"), tmp_path / "teacher"
+    args = [*TINY, "--config.num_epochs=8"]  # 4 steps per epoch
+
+    def start_both():
+        port = _free_port()
+        return [_start("configs/teacher.py:resnet8", workdir, _env(2, cache, WCORD_COORDINATOR=f"127.0.0.1:{port}",
+                                                                   WCORD_NUM_PROCESSES="2", WCORD_PROCESS_ID=str(i)),
+                       *args) for i in range(2)]
+
+    procs = start_both()
+    deadline = time.monotonic() + TIMEOUT
+    log0 = procs[0][1]
+    while time.monotonic() < deadline:
+        assert all(p.poll() is None for p, _ in procs), open(log0).read()[-3000:]
+        if "epoch 2/8 step 1/4" in open(log0).read():
+            break
+        time.sleep(0.05)
+    for p, _ in procs:
+        p.send_signal(signal.SIGTERM)
+    try:
+        for p, _ in procs:
+            p.wait(timeout=120)
+    finally:
+        for p, _ in procs:
+            if p.poll() is None:
+                p.kill()
+    outs = [open(log).read() for _, log in procs]
+    assert [p.returncode for p, _ in procs] == [130, 130], "\n".join(o[-2000:] for o in outs)
+    stopped = {int(o.split("stopped at step ")[1].split(";")[0]) for o in outs}
+    assert len(stopped) == 1, outs
+    step = stopped.pop()
+    assert 4 < step < 32
+    last = workdir / "checkpoints" / "last"
+    assert checkpoint.Checkpointer(str(workdir)).latest_step() == step
+    assert not [p.name for p in last.iterdir() if "tmp" in p.name]
+
+    outs = _finish(start_both())
+    assert f"resumed from step {step}" in outs[0]

@@ -9,6 +9,7 @@ same calls (save, restore, close) and orbax writes and reads each process's own 
 """
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any, Optional
 
@@ -17,6 +18,18 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from wcord_jax.metrics import PathLike, workdir_path
+
+log = logging.getLogger("wcord_jax")
+
+
+class CheckpointError(RuntimeError):
+    """No finished checkpoint of a run could be read."""
+
+
+def reason(e: Exception) -> str:
+    """One short line for an exception (its type and first line)."""
+    lines = [l.strip() for l in str(e).strip().splitlines() if l.strip()]
+    return f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
 
 
 def _manager(directory: PathLike, keep: int, async_save: bool, name: str) -> ocp.CheckpointManager:
@@ -52,11 +65,31 @@ class Checkpointer:
             manager.save(step, args=args, force=True)
 
     def restore(self, state_like: Any, step: Optional[int] = None) -> tuple[Any, dict]:
-        """Restores into the structure, shapes and shardings of `state_like` (an initialised state)."""
-        step = self.latest_step() if step is None else step
+        """Restores into the structure, shapes and shardings of `state_like` (an initialised state).
+
+        Without `step`, the newest finished checkpoint that can be read: a damaged one (a truncated or deleted file:
+        a full disk, a killed copy) is passed over with a warning naming it and the one restored instead.
+        CheckpointError when none can be read."""
         args = ocp.args.Composite(state=ocp.args.StandardRestore(_abstract(state_like)), meta=ocp.args.JsonRestore())
-        restored = self.last.restore(step, args=args)
-        return restored["state"], dict(restored["meta"])
+        if step is not None:
+            restored = self.last.restore(step, args=args)
+            return restored["state"], dict(restored["meta"])
+        failed = []
+        for candidate in sorted(self.last.all_steps(), reverse=True):
+            try:
+                restored = self.last.restore(candidate, args=args)
+            except Exception as e:  # orbax / tensorstore raise many kinds for a damaged file
+                failed.append((candidate, reason(e)))
+                log.warning("checkpoint at step %d cannot be read (%s)", candidate, failed[-1][1])
+                continue
+            if failed:
+                log.warning("restored the checkpoint at step %d instead of the damaged one(s) at step %s",
+                            candidate, ", ".join(str(f) for f, _ in failed))
+            return restored["state"], dict(restored["meta"])
+        where = os.fspath(self.last.directory)
+        raise CheckpointError(f"no checkpoint in {where} can be read (steps "
+                              f"{', '.join(str(f) for f, _ in failed)}; newest: {failed[0][1] if failed else '-'}): "
+                              "move the folder away to start the run over")
 
     def wait(self) -> None:
         self.last.wait_until_finished()

@@ -53,6 +53,10 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.steps_per_dispatch = 1  # train steps run per host call (lax.scan) for in-memory data sets
     c.checkpoint_every_steps = 0  # extra checkpoints inside an epoch (0: only at epoch ends)
     c.keep_checkpoints = 3
+    # A step whose loss, a logged term or new weights are not finite: stop (end the run, nothing saved from that
+    # state) or skip (drop its update; nonfinite_skip_limit such steps in a row end the run).
+    c.nonfinite = "stop"
+    c.nonfinite_skip_limit = 10
     c.num_devices = 0  # use the first N devices of the data mesh (0: all)
     # XLA:CPU at start-up (wcord_jax.host): the host CPU split into this many devices (0: one per usable core that
     # divides the batch sizes; 1: one device), and its oneDNN kernels (auto: on where the CPU has AMX).

@@ -108,6 +108,9 @@ def teacher_meta(config, path: str) -> dict:
     except FileNotFoundError as e:
         raise ConfigError(f"teacher checkpoint not found: {e}; train one with --config configs/teacher.py:"
                           f"{config.teacher.model} --workdir {path}") from e
+    except Exception as e:  # a damaged checkpoint
+        raise ConfigError(f"the teacher checkpoint in {path} cannot be read ({ckpt_lib.reason(e)}): copy the "
+                          "teacher run again or retrain it") from e
     if meta.get("model") not in (None, config.teacher.model):
         raise ConfigError(f"{path} holds a {meta['model']} checkpoint, but teacher.model is {config.teacher.model}")
     return meta
@@ -164,6 +167,9 @@ def load_teacher(config, path: str, meta: dict, dataset, image_shape, dtype, vie
         variables = ckpt_lib.load_variables(path)
     except FileNotFoundError as e:
         raise ConfigError(f"teacher checkpoint not found: {e}") from e
+    except Exception as e:  # a damaged checkpoint: orbax / tensorstore raise many kinds
+        raise ConfigError(f"the teacher checkpoint in {path} cannot be read ({ckpt_lib.reason(e)}): copy the "
+                          "teacher run again or retrain it") from e
     num_classes = _num_classes(variables, dataset.num_classes)
     teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype)
     expected = jax.eval_shape(functools.partial(teacher.init, train=False), jax.random.PRNGKey(0),
@@ -527,8 +533,10 @@ def distill_and_evaluate(config, workdir: str) -> dict:
     mesh, dtype, dataset, feed, eng, t_input = setup(config)
     spe = feed.steps_per_epoch
     n_init = eng.init_epochs
-    main_runner = feed.make_runner(eng.main_step, dtype, num_extra=2, state_spec=eng.spec)
-    init_runner = feed.make_runner(eng.init_step, dtype, num_extra=2, state_spec=eng.spec) if n_init else None
+    guard = config.get("nonfinite", "stop")
+    main_runner = feed.make_runner(eng.main_step, dtype, num_extra=2, state_spec=eng.spec, nonfinite=guard)
+    init_runner = (feed.make_runner(eng.init_step, dtype, num_extra=2, state_spec=eng.spec, nonfinite=guard)
+                   if n_init else None)
     teacher_vars = parallel.replicate(eng.teacher_vars, mesh)
     class_index = parallel.replicate(eng.class_index, mesh)
 

@@ -159,6 +159,31 @@ def device_batch(state_rng, step, images, labels, idx, *, mean, std, dtype, augm
     return batch
 
 
+NONFINITE = "nonfinite"  # the metric that flags a step whose loss, a logged term or the new weights were not finite
+NONFINITE_MODES = ("stop", "skip")
+
+
+def guard_nonfinite(step_fn: Callable, mode: str) -> Callable:
+    """`step_fn` with a finiteness check on the device: every floating metric (the loss and each logged term) and the
+    updated trainable weights; the result rides with the metrics as `nonfinite` (1.0 for a bad step), so that the
+    host sees it when it next reads the metrics, without a transfer of its own. With `mode='skip'` a bad step's
+    update is dropped on the device (the state stays as it was, only its step counter moves on)."""
+    if mode not in NONFINITE_MODES:
+        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {mode!r}")
+
+    def guarded(state, batch, *extra):
+        new, metrics = step_fn(state, batch, *extra)
+        leaves = [v for v in jax.tree.leaves(metrics) + jax.tree.leaves(new.params)
+                  if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
+        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
+        if mode == "skip":
+            kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
+            new = kept.replace(step=new.step)
+        return new, {**metrics, NONFINITE: 1.0 - finite.astype(jnp.float32)}
+
+    return guarded
+
+
 class InMemoryFeed:
     """The whole data set lives on every device; a dispatch runs `steps_per_dispatch` steps in a `lax.scan`.
 
@@ -221,15 +246,19 @@ class InMemoryFeed:
             yield end - pos, (self.images, self.labels, idx)
             pos = end
 
-    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P()):
+    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P(),
+                    nonfinite: Optional[str] = None):
         """Compiles per-device `step_fn(state, batch, *extra) -> (state, metrics)` into one dispatch.
 
         The result is `run(state, *extra, images, labels, idx)`: `extra` are replicated inputs the step reads but
         does not update (a frozen teacher's variables, say); the state is donated. `state_spec` is a PartitionSpec
         (or a pytree prefix of them) for the state: replicated by default, `P('data')` for leaves split over the
-        devices (a sharded negative queue).
+        devices (a sharded negative queue). `nonfinite` ('stop' or 'skip', see `guard_nonfinite`) adds the
+        finiteness flag to every step's metrics; None leaves the step as it is.
         """
         mean, std, views = self._mean, self._std, self.views
+        if nonfinite is not None:
+            step_fn = guard_nonfinite(step_fn, nonfinite)
 
         def per_device(state, *args):
             extra, (images, labels, idx) = args[:num_extra], args[num_extra:]
@@ -329,10 +358,13 @@ class StreamFeed:
                 break
             yield 1, (self._global(batch),)
 
-    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P()):
+    def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P(),
+                    nonfinite: Optional[str] = None):
         """As `InMemoryFeed.make_runner`, for `run(state, *extra, batch)` on one host batch."""
         del augment  # done by tf.data
         mean, std = self._mean, self._std
+        if nonfinite is not None:
+            step_fn = guard_nonfinite(step_fn, nonfinite)
 
         def per_device(state, *args):
             extra, batch = args[:num_extra], args[num_extra]

@@ -16,6 +16,7 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file and argum
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics.jsonl and TensorBoard files.")
 
 USAGE_ERROR = 2
+DIVERGED = 3  # a non-finite loss, term or weight stopped the run (nothing saved from that state)
 
 
 def _fail(message: str) -> None:
@@ -107,6 +108,7 @@ def main(argv: list[str]) -> None:
         _fail(f"multi-process setup: {e}")
 
     from wcord_jax import distill, probe, train
+    from wcord_jax.checkpoint import CheckpointError
     from wcord_jax.data import DataNotFoundError
 
     try:
@@ -124,6 +126,11 @@ def main(argv: list[str]) -> None:
     except train.Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(130)
+    except train.Diverged as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(DIVERGED)
+    except CheckpointError as e:
+        _fail(str(e))
     text = " ".join(f"{k}={v:.4f}" for k, v in result.items())
     print(f"done: {text} (workdir {workdir})")
 

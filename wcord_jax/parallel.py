@@ -91,6 +91,15 @@ def sync(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
+def any_process(flag: bool) -> bool:
+    """Whether `flag` is set in any process (a small all-gather with several processes; `flag` itself with one)."""
+    if jax.process_count() == 1:
+        return bool(flag)
+    from jax.experimental import multihost_utils
+
+    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+
+
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:
     """A mesh over the first `num_devices` devices (all when None or 0), with one axis named `data`.
 

@@ -9,6 +9,7 @@ The pieces:
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -144,6 +145,10 @@ def validate_config(config, num_devices: int) -> None:
             raise ConfigError(f"{key}={value} must be a positive multiple of the device count ({num_devices})")
     if config.num_epochs <= 0 or config.steps_per_dispatch <= 0:
         raise ConfigError("num_epochs and steps_per_dispatch must be positive")
+    if config.get("nonfinite", "stop") not in feeds.NONFINITE_MODES:
+        raise ConfigError(f"nonfinite must be one of {', '.join(feeds.NONFINITE_MODES)}, got {config.nonfinite!r}")
+    if int(config.get("nonfinite_skip_limit", 10)) < 1:
+        raise ConfigError(f"nonfinite_skip_limit must be at least 1, got {config.nonfinite_skip_limit}")
     parse_view(config.get("view"), "view")
 
 
@@ -160,10 +165,17 @@ def parse_view(spec, key: str) -> views_lib.View:
 
 
 class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag that the loop checks between dispatches (then it checkpoints and exits)."""
+    """Turns SIGTERM / SIGINT into a flag that the loop checks between dispatches (then it checkpoints and exits).
+
+    Once a stop is requested the checkpoint is always written: a second signal (a tool that signals twice, a second
+    Ctrl-C) only logs that the run is already stopping, and a signal during any checkpoint save waits for the save.
+    A third signal outside a save stops the run at once (KeyboardInterrupt); a SIGKILL cannot be caught, and then a
+    rerun resumes from the newest finished checkpoint."""
 
     def __init__(self):
         self.requested = False
+        self.signals = 0
+        self._saving = 0
         self._old = {}
 
     def __enter__(self):
@@ -175,10 +187,23 @@ class _StopRequest:
         return self
 
     def _handle(self, signum, frame):
-        if self.requested:  # second signal: stop at once
+        self.signals += 1
+        first, self.requested = not self.requested, True
+        if first:
+            log.warning("stop requested: saving a checkpoint after the current dispatch")
+        elif self._saving or self.signals == 2:
+            log.warning("already stopping: the checkpoint is being written first (a third signal outside the save "
+                        "stops at once)")
+        else:
             raise KeyboardInterrupt
-        self.requested = True
-        log.warning("stop requested: saving a checkpoint after the current dispatch")
+
+    @contextlib.contextmanager
+    def saving(self):
+        self._saving += 1
+        try:
+            yield
+        finally:
+            self._saving -= 1
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -187,6 +212,62 @@ class _StopRequest:
 
 class Interrupted(RuntimeError):
     """Training stopped on request after saving a checkpoint; re-running the same command resumes."""
+
+
+class Diverged(RuntimeError):
+    """A step's loss, a logged term or the new weights were not finite: the run stopped without saving that state."""
+
+
+class _FiniteWatch:
+    """Reads the steps' `nonfinite` flags (`feeds.guard_nonfinite`) whenever the host reads the metrics anyway (a
+    log line) and before every checkpoint, so no checkpoint is ever written from a non-finite state.
+
+    `nonfinite='stop'`: the first bad step ends the run (`Diverged`, naming the step, the epoch and the terms).
+    `'skip'`: the device dropped the bad steps' updates; they are counted, and `nonfinite_skip_limit` bad steps in a
+    row end the run."""
+
+    def __init__(self, config, steps_per_epoch: int, ckpt):
+        self.mode = config.get("nonfinite", "stop")
+        self.limit = int(config.get("nonfinite_skip_limit", 10))
+        self.steps_per_epoch, self.ckpt = steps_per_epoch, ckpt
+        self.in_a_row, self.skipped = 0, 0
+
+    def check(self, window: list) -> list:
+        """`window`: [(step before the dispatch, its metrics)]; returns the host copies of the metrics."""
+        host = [(first, jax.device_get(m)) for first, m in window]
+        newly = []
+        for first, m in host:
+            if feeds.NONFINITE not in m:
+                continue
+            for i, flag in enumerate(np.atleast_1d(m[feeds.NONFINITE])):
+                if not flag:
+                    self.in_a_row = 0
+                    continue
+                step = first + i + 1
+                if self.mode == "stop":
+                    raise Diverged(self._message(step, m, i, "the run stopped there (nonfinite=stop)"))
+                self.in_a_row += 1
+                self.skipped += 1
+                newly.append(step)
+                if self.in_a_row >= self.limit:
+                    raise Diverged(self._message(step, m, i, f"the run stopped after {self.in_a_row} such "
+                                                             f"steps in a row (nonfinite_skip_limit={self.limit})"))
+        if newly:
+            log.warning("skipped %d step(s) with non-finite values (%s); %d so far", len(newly),
+                        ", ".join(map(str, newly[:5])) + (", ..." if len(newly) > 5 else ""), self.skipped)
+        return [m for _, m in host]
+
+    def _message(self, step: int, metrics: dict, i: int, why: str) -> str:
+        bad = [k for k, v in metrics.items()
+               if k != feeds.NONFINITE and np.issubdtype(np.asarray(v).dtype, np.floating)
+               and not np.isfinite(np.atleast_1d(v)[i])]
+        what = ", ".join(bad) if bad else "the updated weights"
+        latest = self.ckpt.latest_step()
+        kept = (f"the newest checkpoint (step {latest}) is kept, and a rerun (e.g. with a lower "
+                "--config.learning_rate) resumes from it" if latest is not None
+                else "no checkpoint had been written yet")
+        return (f"non-finite values at step {step} (epoch {(step - 1) // self.steps_per_epoch + 1}) in {what}; "
+                f"{why}, and nothing was saved from that state: {kept}")
 
 
 def _write_config(workdir: str, config) -> None:
@@ -242,7 +323,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
     tx = make_optimizer(config, feed.steps_per_epoch)
     state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape(dataset, config.get("view")))
-    run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx), dtype)
+    run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx), dtype,
+                                 nonfinite=config.get("nonfinite", "stop"))
     evaluate = feed.make_evaluator(lambda v, x: model.apply(v, x, train=False)[0], dtype)
     return run_training(config, workdir, mesh, feed, state, run_steps,
                         lambda st: evaluate({"params": st.params, "batch_stats": st.batch_stats}),
@@ -289,14 +371,16 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
         if first:
             writer.write(0, first)
     result = {}
-    try:
-        with _StopRequest() as stop:
+    watch = _FiniteWatch(config, steps_per_epoch, ckpt)
+    multi_process = jax.process_count() > 1
+    with _StopRequest() as stop:
+        try:
             step = int(state.step)
             while step < total_steps:
                 epoch = step // steps_per_epoch
                 runner = runner_for_epoch(epoch) if runner_for_epoch is not None else run_steps
                 state, step = _train_epoch(config, feed, state, step, epoch, num_epochs, runner, schedule, writer,
-                                           ckpt, stop, best_top1)
+                                           ckpt, stop, best_top1, watch)
                 result = evaluate(state)
                 writer.write(step, {"epoch": epoch + 1, **result})
                 is_best = result["eval/top1"] > best_top1
@@ -304,12 +388,20 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                 if is_main:
                     log.info("epoch %d/%d: eval top1 %.4f top5 %.4f loss %.4f", epoch + 1, num_epochs,
                              result["eval/top1"], result["eval/top5"], result["eval/loss"])
-                ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1, feed), best=is_best)
+                with stop.saving():
+                    ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1, feed), best=is_best)
+                    if multi_process:
+                        stop.requested = parallel.any_process(stop.requested)
+                    if stop.requested and step < total_steps:
+                        ckpt.wait()
+                if stop.requested and step < total_steps:
+                    raise Interrupted(f"stopped at step {step}; run the same command again to resume")
             if not result:  # resumed a finished run: report its final evaluation again
                 result = evaluate(state)
-    finally:
-        ckpt.close()
-        writer.close()
+        finally:
+            with stop.saving():  # a save still being written (async) completes, whatever signal comes now
+                ckpt.close()
+            writer.close()
     return result
 
 
@@ -326,25 +418,28 @@ def _meta(config, epoch: int, result: dict, best_top1: float, feed=None) -> dict
     return meta
 
 
-def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedule, writer, ckpt, stop, best_top1):
-    """Runs the rest of one epoch from `step`; logs, checkpoints on request, and returns (state, step)."""
+def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedule, writer, ckpt, stop, best_top1,
+                 watch):
+    """Runs the rest of one epoch from `step`; logs, checkpoints on request, and returns (state, step). The steps'
+    finiteness flags are read (`watch`) with every log line and before every checkpoint."""
     steps_per_epoch = feed.steps_per_epoch
     start = step - epoch * steps_per_epoch
     progress = metrics_lib.Progress(steps_per_epoch, epoch, num_epochs, initial=start,
                                     enabled=jax.process_index() == 0,
                                     use_bar=None if config.progress_bar else False)
-    window, window_start, window_steps = [], time.perf_counter(), 0
+    window, window_start, window_steps, checked = [], time.perf_counter(), 0, 0
+    multi_process = jax.process_count() > 1
     try:
         for n, args in feed.dispatches(state.rng, epoch, start):
             state, metrics = run_steps(state, *args)
-            window.append(metrics)
+            window.append((step, metrics))
             window_steps += n
             prev, step = step, step + n
             pos = step - epoch * steps_per_epoch
             progress.update(n)
             every = config.log_every_steps
             if (every > 0 and step // every != prev // every) or pos == steps_per_epoch:
-                values = _summarise(window)
+                values = _summarise(watch.check(window[checked:]), watch.mode == "skip", window[:checked])
                 elapsed = time.perf_counter() - window_start
                 values["lr"] = float(schedule(step - 1))
                 values["img_per_s"] = window_steps * config.batch_size / max(elapsed, 1e-9)
@@ -352,19 +447,37 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
                 progress.log_line(pos, {"loss": values["loss"], "top1": values["top1"],
                                         "img/s": values["img_per_s"]})
                 progress.update(0, {"loss": values["loss"], "img/s": values["img_per_s"]})
-                window, window_start, window_steps = [], time.perf_counter(), 0
+                window, window_start, window_steps, checked = [], time.perf_counter(), 0, 0
+            if multi_process:  # every process stops after the same dispatch, whichever of them got the signal
+                stop.requested = parallel.any_process(stop.requested)
             every_ckpt = config.checkpoint_every_steps
             if pos < steps_per_epoch and (stop.requested or (every_ckpt and step % every_ckpt == 0)):
-                ckpt.save(step, state, _meta(config, epoch, {}, best_top1, feed))
-            if stop.requested:
-                ckpt.wait()
-                raise Interrupted(f"stopped at step {step}; run the same command again to resume")
+                window[checked:] = list(zip([f for f, _ in window[checked:]], watch.check(window[checked:])))
+                checked = len(window)
+                with stop.saving():
+                    ckpt.save(step, state, _meta(config, epoch, {}, best_top1, feed))
+                    if stop.requested:
+                        ckpt.wait()
+                if stop.requested:
+                    raise Interrupted(f"stopped at step {step}; run the same command again to resume")
+            # A stop requested in the epoch's last dispatch: the epoch's evaluation and checkpoint come first.
         return state, step
     finally:
         progress.close()
 
 
-def _summarise(window: list) -> dict:
-    """Mean of each metric over the steps of a logging window (one host transfer)."""
-    stacked = jax.device_get(window)
-    return {k: float(np.mean(np.concatenate([np.atleast_1d(m[k]) for m in stacked]))) for k in stacked[0]}
+def _summarise(host_metrics: list, skip: bool, checked: list = ()) -> dict:
+    """Mean of each metric over the steps of a logging window (`host_metrics`: host copies, after `checked`: those
+    read already before a checkpoint). With `nonfinite='skip'` the skipped steps are left out of the means and
+    `nonfinite` (the window's fraction of skipped steps) is kept; otherwise the flag is not logged."""
+    stacked = [jax.device_get(m) for _, m in checked] + list(host_metrics)
+    values = {k: np.concatenate([np.atleast_1d(m[k]) for m in stacked]) for k in stacked[0]}
+    bad = values.pop(feeds.NONFINITE, None)
+    out = {}
+    for k, v in values.items():
+        if skip and bad is not None and bad.any():
+            v = v[bad == 0]
+        out[k] = float(np.mean(v)) if v.size else float("nan")
+    if skip and bad is not None:
+        out[feeds.NONFINITE] = float(np.mean(bad))
+    return out
