@@ -1,0 +1,338 @@
+"""Teachers from PyTorch (`python -m wcord_jax.import_teacher`): a PyTorch network with random weights and random
+batch-norm statistics, saved as RepDistiller (or torchvision) saves it, imported, gives PyTorch's eval-mode logits and
+feature list; broken files and unsafe pickles are one line with exit status 2; an imported teacher distils.
+
+The PyTorch reference networks below are written here from the structure of RepDistiller's `models/resnet.py` and
+`models/wrn.py` and torchvision's `resnet.py` (stem, blocks, shortcuts, pooling, feature taps)."""
+import argparse
+import os
+import pickle
+import subprocess
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+nn = torch.nn
+F = torch.nn.functional
+
+from wcord_jax import checkpoint as ckpt_lib  # noqa: E402
+from wcord_jax import configs, import_teacher, models  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# PyTorch reference networks
+
+
+class CifarBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        out = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class CifarResNet(nn.Module):
+    def __init__(self, depth, widths, num_classes):
+        super().__init__()
+        n = (depth - 2) // 6
+        self.conv1 = nn.Conv2d(3, widths[0], 3, 1, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(widths[0])
+        cin = widths[0]
+        for stage, w in enumerate(widths[1:]):
+            blocks = []
+            for i in range(n):
+                blocks.append(CifarBlock(cin, w, 2 if stage > 0 and i == 0 else 1))
+                cin = w
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(cin, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        feats.append(x)
+        return feats, self.fc(x)
+
+
+class WideBlock(nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(cin)
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.same = cin == cout
+        self.convShortcut = None if self.same else nn.Conv2d(cin, cout, 1, stride, 0, bias=False)
+
+    def forward(self, x):
+        pre = F.relu(self.bn1(x))
+        out = self.conv2(F.relu(self.bn2(self.conv1(pre))))
+        return out + (x if self.same else self.convShortcut(pre))
+
+
+class WideGroup(nn.Module):
+    def __init__(self, n, cin, cout, stride):
+        super().__init__()
+        self.layer = nn.Sequential(*[WideBlock(cin if i == 0 else cout, cout, stride if i == 0 else 1)
+                                     for i in range(n)])
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+class WideResNet(nn.Module):
+    def __init__(self, depth, widen, num_classes):
+        super().__init__()
+        n, c = (depth - 4) // 6, [16, 16 * widen, 32 * widen, 64 * widen]
+        self.conv1 = nn.Conv2d(3, c[0], 3, 1, 1, bias=False)
+        self.block1, self.block2, self.block3 = (WideGroup(n, c[0], c[1], 1), WideGroup(n, c[1], c[2], 2),
+                                                 WideGroup(n, c[2], c[3], 2))
+        self.bn1 = nn.BatchNorm2d(c[3])
+        self.fc = nn.Linear(c[3], num_classes)
+
+    def forward(self, x):
+        x = self.conv1(x)
+        feats = [x]
+        for group in (self.block1, self.block2, self.block3):
+            x = group(x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(F.relu(self.bn1(x)), 1).flatten(1)
+        feats.append(x)
+        return feats, self.fc(x)
+
+
+class TorchvisionBlock(CifarBlock):
+    pass
+
+
+class TorchvisionResNet(nn.Module):
+    def __init__(self, layers, num_classes):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        cin = 64
+        for stage, (w, n) in enumerate(zip((64, 128, 256, 512), layers)):
+            blocks = []
+            for i in range(n):
+                blocks.append(TorchvisionBlock(cin, w, 2 if stage > 0 and i == 0 else 1))
+                cin = w
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.fc = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        x = F.max_pool2d(x, 3, 2, 1)
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        feats.append(x)
+        return feats, self.fc(x)
+
+
+def reference(name, num_classes):
+    cifar = {"resnet8": (8, (16, 16, 32, 64)), "resnet20": (20, (16, 16, 32, 64)), "resnet56": (56, (16, 16, 32, 64)),
+             "resnet110": (110, (16, 16, 32, 64)), "resnet8x4": (8, (32, 64, 128, 256)),
+             "resnet32x4": (32, (32, 64, 128, 256))}
+    if name in cifar:
+        return CifarResNet(*cifar[name], num_classes)
+    if name.startswith("wrn_"):
+        _, depth, widen = name.split("_")
+        return WideResNet(int(depth), int(widen), num_classes)
+    return TorchvisionResNet({"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3)}[name], num_classes)
+
+
+def randomise(net, seed):
+    """Random weights and random batch-norm statistics (so that eval mode really uses them)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(0.5 + torch.rand(m.weight.shape, generator=g))
+                m.bias.copy_(0.2 * torch.randn(m.bias.shape, generator=g))
+                m.running_mean.copy_(0.2 * torch.randn(m.running_mean.shape, generator=g))
+                m.running_var.copy_(0.5 + torch.rand(m.running_var.shape, generator=g))
+            elif isinstance(m, nn.Linear):
+                m.bias.copy_(0.1 * torch.randn(m.bias.shape, generator=g))
+    return net.eval()
+
+
+def save_like_repdistiller(net, path, prefix=""):
+    """`train_teacher.py`'s file: {'epoch', 'model', 'accuracy', 'optimizer'} (with an argparse.Namespace and a
+    numpy scalar as the published files have), optionally with DataParallel's `module.` prefix."""
+    state = {prefix + k: v for k, v in net.state_dict().items()}
+    torch.save({"epoch": 240, "model": state, "accuracy": np.float64(79.42), "opt": argparse.Namespace(lr=0.05),
+                "optimizer": {}}, path)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Equal logits and features
+
+
+CASES = [("repdistiller", "resnet8", 32), ("repdistiller", "resnet56", 32), ("repdistiller", "resnet110", 32),
+         ("repdistiller", "resnet8x4", 32), ("repdistiller", "resnet32x4", 32), ("repdistiller", "wrn_16_2", 32),
+         ("repdistiller", "wrn_40_2", 32), ("repdistiller", "wrn_16_1", 32), ("torchvision", "resnet18", 64),
+         ("torchvision", "resnet34", 64)]
+
+
+@pytest.mark.parametrize("source, name, size", CASES)
+def test_imported_network_gives_pytorchs_eval_logits_and_features(tmp_path, source, name, size):
+    num_classes = 100 if source == "repdistiller" else 1000
+    net = randomise(reference(name, num_classes), seed=len(name))
+    path = tmp_path / "ckpt.pth"
+    if source == "repdistiller":
+        save_like_repdistiller(net, path, prefix="module." if name == "resnet56" else "")
+    else:
+        torch.save(net.state_dict(), path)  # torchvision: a bare state dict
+    variables = import_teacher.convert(name, num_classes, import_teacher.read_state_dict(str(path)), size)
+
+    x = np.random.default_rng(0).normal(size=(2, 3, size, size)).astype(np.float32)
+    with torch.no_grad():
+        t_feats, t_logits = net(torch.from_numpy(x))
+    logits, feats = models.get_model(name, num_classes).apply(variables, jnp.asarray(x.transpose(0, 2, 3, 1)),
+                                                               train=False)
+    scale = np.abs(t_logits.numpy()).max()
+    np.testing.assert_allclose(np.asarray(logits), t_logits.numpy(), rtol=1e-4, atol=1e-4 * scale)
+    assert len(feats) == len(t_feats)
+    for f, t in zip(feats, t_feats):
+        t = t.numpy()
+        t = t.transpose(0, 2, 3, 1) if t.ndim == 4 else t  # NCHW -> NHWC
+        np.testing.assert_allclose(np.asarray(f), t, rtol=1e-4, atol=1e-4 * np.abs(t).max())
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Broken and unsafe files
+
+
+class _Boom:
+    """Unpickling this calls os.system (it would create `marker`)."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _cli(*args, timeout=300):
+    cmd = [sys.executable, "-m", "wcord_jax.import_teacher", *args]
+    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _one_error_line(out, expected):
+    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    assert "Traceback" not in out.stderr
+
+
+def test_a_pickle_that_would_run_code_is_refused(tmp_path):
+    path, marker = tmp_path / "evil.pth", tmp_path / "ran"
+    state = randomise(reference("resnet8", 100), 0).state_dict()
+    torch.save({"model": state, "payload": _Boom(marker)}, path)
+    with pytest.raises(import_teacher.ImportFailed, match="was refused.*never arbitrary code"):
+        import_teacher.read_state_dict(str(path))
+    with open(tmp_path / "plain.pkl", "wb") as f:  # a plain pickle (not a torch file) with the same payload
+        pickle.dump(_Boom(marker), f)
+    with pytest.raises(import_teacher.ImportFailed):
+        import_teacher.read_state_dict(str(tmp_path / "plain.pkl"))
+    assert not marker.exists()  # the payload never ran
+
+
+def _broken_file(tmp_path, damage):
+    path = tmp_path / "ckpt.pth"
+    state = randomise(reference("resnet8", 100), 0).state_dict()
+    if damage == "missing":
+        del state["layer3.0.bn2.running_var"]
+    elif damage == "shape":
+        state["fc.weight"] = torch.zeros(10, 64)
+    elif damage == "extra":
+        state["extra.weight"] = torch.zeros(3)
+    if damage == "not_a_checkpoint":
+        path.write_text("this is not a checkpoint\n")
+    elif damage == "unsafe":
+        torch.save({"model": state, "payload": _Boom(tmp_path / "ran")}, path)
+    elif damage == "no_state_dict":
+        torch.save({"epoch": 3}, path)
+    else:
+        torch.save({"model": state}, path)
+    return path
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("missing", "the checkpoint has no layer3.0.bn2.running_var"),
+    ("shape", "fc.weight has shape [10, 64], but resnet8 for 100 classes needs [64, 100]"),
+    ("extra", "the checkpoint has tensors resnet8 does not: extra.weight"),
+    ("not_a_checkpoint", "is not a PyTorch checkpoint"),
+    ("no_state_dict", "holds no state dict"),
+])
+def test_broken_files_name_what_is_wrong(tmp_path, damage, expected):
+    path = _broken_file(tmp_path, damage)
+    config = configs.teacher_config("resnet8")
+    config.dataset.name = "synthetic"
+    with pytest.raises(import_teacher.ImportFailed) as e:
+        import_teacher.import_teacher("repdistiller", "resnet8", str(path), str(tmp_path / "w"), config)
+    assert expected in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "w").exists()  # nothing written
+
+
+def test_a_broken_file_on_the_command_line_is_one_line_and_exit_2(tmp_path):
+    path = _broken_file(tmp_path, "unsafe")
+    out = _cli("--source", "repdistiller", "--model", "resnet8", "--checkpoint", str(path), "--workdir",
+               str(tmp_path / "w"), "--config.dataset.name=synthetic")
+    _one_error_line(out, "was refused")
+    assert not (tmp_path / "ran").exists()
+
+
+def test_unsupported_architecture_names_the_valid_ones(tmp_path):
+    out = _cli("--source", "repdistiller", "--model", "vgg13", "--checkpoint", "x.pth", "--workdir", str(tmp_path))
+    _one_error_line(out, "not importable (the mapping of vgg13 is not written yet); valid: resnet8,")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# From import to distillation
+
+
+def test_an_imported_teacher_is_evaluated_and_distils_from_the_command_line(tmp_path):
+    net = randomise(reference("resnet8", 10), 3)
+    path = tmp_path / "resnet8_vanilla.pth"
+    save_like_repdistiller(net, path)
+    data = ["--config.dataset.name=synthetic", "--config.dataset.num_classes=10", "--config.dataset.num_train=128",
+            "--config.dataset.num_test=64", "--config.dataset.image_size=16", "--config.batch_size=32",
+            "--config.eval_batch_size=32", "--config.num_devices=1"]
+    teacher = tmp_path / "teacher"
+    out = _cli("--source", "repdistiller", "--model", "resnet8", "--checkpoint", str(path), "--workdir",
+               str(teacher), *data)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "resnet8 on synthetic: test top-1" in out.stderr
+    meta = ckpt_lib.load_meta(str(teacher))
+    assert meta["source"] == "repdistiller" and meta["model"] == "resnet8" and 0.0 <= meta["eval/top1"] <= 1.0
+    imported = ckpt_lib.load_variables(str(teacher))
+    np.testing.assert_array_equal(imported["params"]["fc"]["kernel"], net.fc.weight.detach().numpy().T)
+
+    cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/distill.py:crd,resnet8,resnet8", "--workdir",
+           str(tmp_path / "student"), f"--config.teacher.checkpoint={teacher}", "--config.num_epochs=1",
+           "--config.crd.nce_k=16", *data]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    events = [__import__("json").loads(l) for l in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
+    assert abs(events[0]["teacher/top1"] - meta["eval/top1"]) < 1e-6  # the same teacher, the same test split
