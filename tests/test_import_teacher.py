@@ -147,7 +147,224 @@ class TorchvisionResNet(nn.Module):
         return feats, self.fc(x)
 
 
+class Vgg(nn.Module):
+    def __init__(self, cfg, num_classes):
+        super().__init__()
+        cin = 3
+        for b, widths in enumerate(cfg):
+            layers = []
+            for w in widths:
+                layers += [nn.Conv2d(cin, w, 3, padding=1), nn.BatchNorm2d(w), nn.ReLU()]
+                cin = w
+            setattr(self, f"block{b}", nn.Sequential(*layers[:-1]))
+        self.classifier = nn.Linear(512, num_classes)
+
+    def forward(self, x):
+        feats = []
+        for b in range(5):
+            x = F.relu(getattr(self, f"block{b}")(x))
+            feats.append(x)
+            if b < 3:  # 32x32 inputs: no pool after block 3
+                x = F.max_pool2d(x, 2, 2)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        feats.append(x)
+        return feats, self.classifier(x)
+
+
+class Bottleneck(nn.Module):
+    def __init__(self, cin, planes, stride):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(cin, planes, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv2, self.bn2 = nn.Conv2d(planes, planes, 3, stride, 1, bias=False), nn.BatchNorm2d(planes)
+        self.conv3, self.bn3 = nn.Conv2d(planes, 4 * planes, 1, bias=False), nn.BatchNorm2d(4 * planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or cin != 4 * planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, 4 * planes, 1, stride, bias=False), nn.BatchNorm2d(4 * planes))
+
+    def forward(self, x):
+        out = F.relu(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+        return F.relu(self.bn3(self.conv3(out)) + self.shortcut(x))
+
+
+class ResNet50(nn.Module):
+    def __init__(self, num_classes):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.BatchNorm2d(64)
+        cin = 64
+        for stage, (planes, n) in enumerate(zip((64, 128, 256, 512), (3, 4, 6, 3))):
+            blocks = []
+            for i in range(n):
+                blocks.append(Bottleneck(cin, planes, 2 if stage > 0 and i == 0 else 1))
+                cin = 4 * planes
+            setattr(self, f"layer{stage + 1}", nn.Sequential(*blocks))
+        self.linear = nn.Linear(2048, num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
+            x = stage(x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        feats.append(x)
+        return feats, self.linear(x)
+
+
+class InvertedResidual(nn.Module):
+    def __init__(self, cin, cout, stride, t):
+        super().__init__()
+        mid = cin * t
+        self.residual = stride == 1 and cin == cout
+        self.conv = nn.Sequential(nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU(),
+                                  nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False), nn.BatchNorm2d(mid),
+                                  nn.ReLU(), nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        return x + self.conv(x) if self.residual else self.conv(x)
+
+
+class MobileNetV2Half(nn.Module):
+    """RepDistiller's `mobile_half`: expansion 6, width 0.5, the features after blocks 0-1, 2, 3-4 and 5-6."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        settings = [(1, 16, 1, 1), (6, 24, 2, 1), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2),
+                    (6, 320, 1, 1)]
+        cin = 16
+        self.conv1 = nn.Sequential(nn.Conv2d(3, cin, 3, 2, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU())
+        self.blocks = nn.ModuleList()
+        for t, c, n, s in settings:
+            layers = []
+            for i in range(n):
+                layers.append(InvertedResidual(cin, c // 2, s if i == 0 else 1, t))
+                cin = c // 2
+            self.blocks.append(nn.Sequential(*layers))
+        self.conv2 = nn.Sequential(nn.Conv2d(cin, 1280, 1, bias=False), nn.BatchNorm2d(1280), nn.ReLU())
+        self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
+
+    def forward(self, x):
+        x = self.conv1(x)
+        feats = [x]
+        for group in ((0, 1), (2,), (3, 4), (5, 6)):
+            for b in group:
+                x = self.blocks[b](x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1)
+        feats.append(x)
+        return feats, self.classifier(x)
+
+
+def shuffle(x, groups):
+    n, c, h, w = x.shape
+    return x.view(n, groups, c // groups, h, w).transpose(1, 2).reshape(n, c, h, w)
+
+
+class ShuffleV1Block(nn.Module):
+    def __init__(self, cin, cout, stride, groups):
+        super().__init__()
+        mid, self.stride = cout // 4, stride
+        self.g = 1 if cin == 24 else groups
+        self.conv1, self.bn1 = nn.Conv2d(cin, mid, 1, groups=self.g, bias=False), nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2 = nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(mid, cout, 1, groups=groups, bias=False), nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        out = shuffle(F.relu(self.bn1(self.conv1(x))), self.g)
+        out = self.bn3(self.conv3(F.relu(self.bn2(self.conv2(out)))))
+        if self.stride == 2:
+            return F.relu(torch.cat([out, F.avg_pool2d(x, 3, 2, 1)], 1))
+        return F.relu(out + x)
+
+
+class ShuffleNetV1(nn.Module):
+    def __init__(self, num_classes, planes=(240, 480, 960), blocks=(4, 8, 4), groups=3):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 24, 1, bias=False), nn.BatchNorm2d(24)
+        cin = 24
+        for k, (p, n) in enumerate(zip(planes, blocks)):
+            layers = []
+            for i in range(n):
+                layers.append(ShuffleV1Block(cin, p - (cin if i == 0 else 0), 2 if i == 0 else 1, groups))
+                cin = p
+            setattr(self, f"layer{k + 1}", nn.Sequential(*layers))
+        self.linear = nn.Linear(planes[-1], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        feats.append(x)
+        return feats, self.linear(x)
+
+
+class ShuffleV2Basic(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        h = c // 2
+        self.conv1, self.bn1 = nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h)
+        self.conv2, self.bn2 = nn.Conv2d(h, h, 3, 1, 1, groups=h, bias=False), nn.BatchNorm2d(h)
+        self.conv3, self.bn3 = nn.Conv2d(h, h, 1, bias=False), nn.BatchNorm2d(h)
+
+    def forward(self, x):
+        h = x.shape[1] // 2
+        x1, x2 = x[:, :h], x[:, h:]
+        out = F.relu(self.bn3(self.conv3(self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x2))))))))
+        return shuffle(torch.cat([x1, out], 1), 2)
+
+
+class ShuffleV2Down(nn.Module):
+    def __init__(self, cin, cout):
+        super().__init__()
+        mid = cout // 2
+        self.conv1, self.bn1 = nn.Conv2d(cin, cin, 3, 2, 1, groups=cin, bias=False), nn.BatchNorm2d(cin)
+        self.conv2, self.bn2 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv3, self.bn3 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid)
+        self.conv4, self.bn4 = nn.Conv2d(mid, mid, 3, 2, 1, groups=mid, bias=False), nn.BatchNorm2d(mid)
+        self.conv5, self.bn5 = nn.Conv2d(mid, mid, 1, bias=False), nn.BatchNorm2d(mid)
+
+    def forward(self, x):
+        a = F.relu(self.bn2(self.conv2(self.bn1(self.conv1(x)))))
+        b = F.relu(self.bn5(self.conv5(self.bn4(self.conv4(F.relu(self.bn3(self.conv3(x))))))))
+        return shuffle(torch.cat([a, b], 1), 2)
+
+
+class ShuffleNetV2(nn.Module):
+    def __init__(self, num_classes, channels=(116, 232, 464, 1024), blocks=(3, 7, 3)):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(3, 24, 1, bias=False), nn.BatchNorm2d(24)
+        cin = 24
+        for k, (c, n) in enumerate(zip(channels, blocks)):
+            setattr(self, f"layer{k + 1}", nn.Sequential(ShuffleV2Down(cin, c), *[ShuffleV2Basic(c) for _ in range(n)]))
+            cin = c
+        self.conv2, self.bn2 = nn.Conv2d(channels[2], channels[3], 1, bias=False), nn.BatchNorm2d(channels[3])
+        self.linear = nn.Linear(channels[3], num_classes)
+
+    def forward(self, x):
+        x = F.relu(self.bn1(self.conv1(x)))
+        feats = [x]
+        for stage in (self.layer1, self.layer2, self.layer3):
+            x = stage(x)
+            feats.append(x)
+        x = F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 1).flatten(1)
+        feats.append(x)
+        return feats, self.linear(x)
+
+
+VGG = {"vgg8": [[64], [128], [256], [512], [512]], "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
+       "vgg11": [[64], [128], [256, 256], [512, 512], [512, 512]]}
+
+
 def reference(name, num_classes):
+    if name in VGG:
+        return Vgg(VGG[name], num_classes)
+    if name == "ResNet50":
+        return ResNet50(num_classes)
+    if name in ("MobileNetV2", "ShuffleV1", "ShuffleV2"):
+        return {"MobileNetV2": MobileNetV2Half, "ShuffleV1": ShuffleNetV1, "ShuffleV2": ShuffleNetV2}[name](num_classes)
     cifar = {"resnet8": (8, (16, 16, 32, 64)), "resnet20": (20, (16, 16, 32, 64)), "resnet56": (56, (16, 16, 32, 64)),
              "resnet110": (110, (16, 16, 32, 64)), "resnet8x4": (8, (32, 64, 128, 256)),
              "resnet32x4": (32, (32, 64, 128, 256))}
@@ -188,7 +405,10 @@ def save_like_repdistiller(net, path, prefix=""):
 
 CASES = [("repdistiller", "resnet8", 32), ("repdistiller", "resnet56", 32), ("repdistiller", "resnet110", 32),
          ("repdistiller", "resnet8x4", 32), ("repdistiller", "resnet32x4", 32), ("repdistiller", "wrn_16_2", 32),
-         ("repdistiller", "wrn_40_2", 32), ("repdistiller", "wrn_16_1", 32), ("torchvision", "resnet18", 64),
+         ("repdistiller", "wrn_40_2", 32), ("repdistiller", "wrn_16_1", 32), ("repdistiller", "vgg8", 32),
+         ("repdistiller", "vgg13", 32), ("repdistiller", "vgg11", 32), ("repdistiller", "ResNet50", 32),
+         ("repdistiller", "MobileNetV2", 32), ("repdistiller", "ShuffleV1", 32), ("repdistiller", "ShuffleV2", 32),
+         ("torchvision", "resnet18", 64),
          ("torchvision", "resnet34", 64)]
 
 
@@ -303,8 +523,9 @@ def test_a_broken_file_on_the_command_line_is_one_line_and_exit_2(tmp_path):
 
 
 def test_unsupported_architecture_names_the_valid_ones(tmp_path):
-    out = _cli("--source", "repdistiller", "--model", "vgg13", "--checkpoint", "x.pth", "--workdir", str(tmp_path))
-    _one_error_line(out, "not importable (the mapping of vgg13 is not written yet); valid: resnet8,")
+    out = _cli("--source", "torchvision", "--model", "resnet32x4", "--checkpoint", "x.pth", "--workdir", str(tmp_path))
+    _one_error_line(out, "--source torchvision --model resnet32x4: not one of its architectures; valid: resnet18, "
+                         "resnet34")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -46,11 +46,15 @@ SOURCES = {
     # source: (default data set, its number of classes, the architectures it publishes in this zoo's names)
     "repdistiller": ("cifar100", 100, ("resnet8", "resnet14", "resnet20", "resnet32", "resnet44", "resnet56",
                                        "resnet110", "resnet8x4", "resnet32x4", "wrn_16_1", "wrn_16_2", "wrn_40_1",
-                                       "wrn_40_2")),
+                                       "wrn_40_2", "vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "ResNet50",
+                                       "MobileNetV2", "ShuffleV1", "ShuffleV2")),
     "torchvision": ("imagenet2012", 1000, ("resnet18", "resnet34")),
 }
-# The CIFAR architectures whose mapping is not written yet (RepDistiller publishes vgg13 and ResNet50 teachers).
-NOT_YET = ("vgg8", "vgg11", "vgg13", "vgg16", "vgg19", "ResNet50", "MobileNetV2", "ShuffleV1", "ShuffleV2")
+# MobileNetV2's Sequential wrappers: the stem and head conv-BN pairs and the classifier, and the positions of the
+# inverted residual's convs and BNs in its `conv` Sequential.
+_MOBILENET_TOP = {"conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv2.0", "bn2": "conv2.1",
+                  "classifier": "classifier.0"}
+_MOBILENET_INNER = {"conv_pw": "0", "bn_pw": "1", "conv_dw": "3", "bn_dw": "4", "conv_pwl": "6", "bn_pwl": "7"}
 
 _SOURCE = flags.DEFINE_enum("source", None, list(SOURCES), "Where the checkpoint comes from.")
 _MODEL = flags.DEFINE_string("model", None, "The zoo's name of the architecture, e.g. resnet32x4.")
@@ -128,16 +132,29 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
 
 def torch_name(path: tuple[str, ...], model: str) -> str:
     """The PyTorch module name of a flax module path: `layer2_0/down_conv` -> `layer2.0.downsample.0`."""
+    if model == "MobileNetV2":  # blocksK_I/conv_dw -> blocks.K.I.conv.3
+        m = re.fullmatch(r"blocks(\d+)_(\d+)", path[0])
+        if m:
+            return f"blocks.{m.group(1)}.{m.group(2)}.conv.{_MOBILENET_INNER[path[1]]}"
+        return _MOBILENET_TOP[path[0]]
+    if model == "ShuffleV2":  # a stage is Sequential(DownBlock, BasicBlock, ...): layerK_down -> layerK.0
+        m = re.fullmatch(r"layer(\d+)_(down|\d+)", path[0])
+        if m:
+            i = 0 if m.group(2) == "down" else int(m.group(2)) + 1
+            return ".".join([f"layer{m.group(1)}", str(i), *path[1:]])
     parts = []
     for part in path:
         m = re.fullmatch(r"(layer|block)(\d+)_(\d+)", part)
+        vgg = re.fullmatch(r"block(\d+)_(conv|bn)(\d+)", part)
         if m and m.group(1) == "block":  # RepDistiller's WideResNet: blockK.layer.I
             parts += [f"block{m.group(2)}", "layer", m.group(3)]
         elif m:
             parts += [f"layer{m.group(2)}", m.group(3)]
+        elif vgg:  # RepDistiller's VGG: blockK is a Sequential of [conv, bn, relu] * n (the last relu dropped)
+            parts += [f"block{vgg.group(1)}", str(3 * int(vgg.group(3)) + (vgg.group(2) == "bn"))]
         else:
-            parts.append({"down_conv": "downsample.0", "down_bn": "downsample.1",
-                          "conv_shortcut": "convShortcut"}.get(part, part))
+            parts.append({"down_conv": "downsample.0", "down_bn": "downsample.1", "conv_shortcut": "convShortcut",
+                          "shortcut_conv": "shortcut.0", "shortcut_bn": "shortcut.1"}.get(part, part))
     return ".".join(parts)
 
 
@@ -246,8 +263,8 @@ def import_teacher(source: str, model: str, checkpoint: str, workdir: str, confi
         raise ImportFailed(f"unknown source {source!r}; valid: {', '.join(SOURCES)}")
     dataset, num_classes, published = SOURCES[source]
     if model not in published:
-        hint = (f" (the mapping of {model} is not written yet)" if model in NOT_YET else "")
-        raise ImportFailed(f"--source {source} --model {model}: not importable{hint}; valid: {', '.join(published)}")
+        raise ImportFailed(f"--source {source} --model {model}: not one of its architectures; valid: "
+                           f"{', '.join(published)}")
     config.model = model
     if "dataset.name" not in _overridden:
         config.dataset.name = dataset
