@@ -28,6 +28,18 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # PyTorch reference networks
 
 
+def staged(x, stem, stages, neck, classifier):
+    """RepDistiller's feature taps: the stem's output, each stage's output, then the pooled vector (after `neck`)."""
+    x = stem(x)
+    feats = [x]
+    for stage in stages:
+        x = stage(x)
+        feats.append(x)
+    x = F.adaptive_avg_pool2d(neck(x), 1).flatten(1)
+    feats.append(x)
+    return feats, classifier(x)
+
+
 class CifarBlock(nn.Module):
     def __init__(self, cin, cout, stride):
         super().__init__()
@@ -60,14 +72,8 @@ class CifarResNet(nn.Module):
         self.fc = nn.Linear(cin, num_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            feats.append(x)
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        feats.append(x)
-        return feats, self.fc(x)
+        return staged(x, lambda x: F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3),
+                      lambda x: x, self.fc)
 
 
 class WideBlock(nn.Module):
@@ -107,14 +113,7 @@ class WideResNet(nn.Module):
         self.fc = nn.Linear(c[3], num_classes)
 
     def forward(self, x):
-        x = self.conv1(x)
-        feats = [x]
-        for group in (self.block1, self.block2, self.block3):
-            x = group(x)
-            feats.append(x)
-        x = F.adaptive_avg_pool2d(F.relu(self.bn1(x)), 1).flatten(1)
-        feats.append(x)
-        return feats, self.fc(x)
+        return staged(x, self.conv1, (self.block1, self.block2, self.block3), lambda x: F.relu(self.bn1(x)), self.fc)
 
 
 class TorchvisionBlock(CifarBlock):
@@ -200,14 +199,8 @@ class ResNet50(nn.Module):
         self.linear = nn.Linear(2048, num_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3, self.layer4):
-            x = stage(x)
-            feats.append(x)
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        feats.append(x)
-        return feats, self.linear(x)
+        return staged(x, lambda x: F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3,
+                                                                      self.layer4), lambda x: x, self.linear)
 
 
 class InvertedResidual(nn.Module):
@@ -243,15 +236,9 @@ class MobileNetV2Half(nn.Module):
         self.classifier = nn.Sequential(nn.Linear(1280, num_classes))
 
     def forward(self, x):
-        x = self.conv1(x)
-        feats = [x]
-        for group in ((0, 1), (2,), (3, 4), (5, 6)):
-            for b in group:
-                x = self.blocks[b](x)
-            feats.append(x)
-        x = F.adaptive_avg_pool2d(self.conv2(x), 1).flatten(1)
-        feats.append(x)
-        return feats, self.classifier(x)
+        b = self.blocks
+        stages = (nn.Sequential(b[0], b[1]), b[2], nn.Sequential(b[3], b[4]), nn.Sequential(b[5], b[6]))
+        return staged(x, self.conv1, stages, self.conv2, self.classifier)
 
 
 def shuffle(x, groups):
@@ -291,14 +278,8 @@ class ShuffleNetV1(nn.Module):
         self.linear = nn.Linear(planes[-1], num_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            feats.append(x)
-        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
-        feats.append(x)
-        return feats, self.linear(x)
+        return staged(x, lambda x: F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3),
+                      lambda x: x, self.linear)
 
 
 class ShuffleV2Basic(nn.Module):
@@ -344,14 +325,8 @@ class ShuffleNetV2(nn.Module):
         self.linear = nn.Linear(channels[3], num_classes)
 
     def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        feats = [x]
-        for stage in (self.layer1, self.layer2, self.layer3):
-            x = stage(x)
-            feats.append(x)
-        x = F.adaptive_avg_pool2d(F.relu(self.bn2(self.conv2(x))), 1).flatten(1)
-        feats.append(x)
-        return feats, self.linear(x)
+        return staged(x, lambda x: F.relu(self.bn1(self.conv1(x))), (self.layer1, self.layer2, self.layer3),
+                      lambda x: F.relu(self.bn2(self.conv2(x))), self.linear)
 
 
 VGG = {"vgg8": [[64], [128], [256], [512], [512]], "vgg13": [[64, 64], [128, 128], [256, 256], [512, 512], [512, 512]],
