@@ -56,13 +56,18 @@ _MOBILENET_TOP = {"conv1": "conv1.0", "bn1": "conv1.1", "conv2": "conv2.0", "bn2
                   "classifier": "classifier.0"}
 _MOBILENET_INNER = {"conv_pw": "0", "bn_pw": "1", "conv_dw": "3", "bn_dw": "4", "conv_pwl": "6", "bn_pwl": "7"}
 
-_SOURCE = flags.DEFINE_enum("source", None, list(SOURCES), "Where the checkpoint comes from.")
-_MODEL = flags.DEFINE_string("model", None, "The zoo's name of the architecture, e.g. resnet32x4.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "The PyTorch file (.pth).")
-_WORKDIR = flags.DEFINE_string("workdir", None, "The teacher run's directory to write.")
-_CONFIG = config_flags.DEFINE_config_dict("config", configs.teacher_config("resnet32x4"),
-                                          "Run settings; --config.dataset.* selects the evaluation data.")
 _overridden: set = set()
+_FLAGS: dict = {}  # defined by `run()` only, so that importing this module defines no absl flags
+
+
+def _define_flags() -> None:
+    _FLAGS.update(
+        source=flags.DEFINE_enum("source", None, list(SOURCES), "Where the checkpoint comes from."),
+        model=flags.DEFINE_string("model", None, "The zoo's name of the architecture, e.g. resnet32x4."),
+        checkpoint=flags.DEFINE_string("checkpoint", None, "The PyTorch file (.pth)."),
+        workdir=flags.DEFINE_string("workdir", None, "The teacher run's directory to write."),
+        config=config_flags.DEFINE_config_dict("config", configs.teacher_config("resnet32x4"),
+                                               "Run settings; --config.dataset.* selects the evaluation data."))
 
 log = logging.getLogger("wcord_jax")
 
@@ -324,22 +329,24 @@ def _setup_logging() -> None:
 
 def main(argv: list[str]) -> None:
     del argv
-    for name, flag in (("source", _SOURCE), ("model", _MODEL), ("checkpoint", _CHECKPOINT), ("workdir", _WORKDIR)):
-        if not flag.value:
+    values = {name: flag.value for name, flag in _FLAGS.items()}
+    for name in ("source", "model", "checkpoint", "workdir"):
+        if not values[name]:
             _fail(f"--{name} is required (python -m wcord_jax.import_teacher --source {'|'.join(SOURCES)} "
                   "--model NAME --checkpoint FILE.pth --workdir DIR)")
-    config = _CONFIG.value
+    config = values["config"]
     _setup_logging()
     from wcord_jax.data import DataNotFoundError
     from wcord_jax.train import ConfigError
 
     try:
-        import_teacher(_SOURCE.value, _MODEL.value, _CHECKPOINT.value, _WORKDIR.value, config)
+        import_teacher(values["source"], values["model"], values["checkpoint"], values["workdir"], config)
     except (ImportFailed, ConfigError, DataNotFoundError) as e:
         _fail(str(e))
 
 
 def run() -> None:
+    _define_flags()
     app.run(main, flags_parser=parse_flags)
 
 
