@@ -154,12 +154,13 @@ def test_skip_counts_bad_steps_and_stops_after_the_limit_in_a_row():
     assert feeds.NONFINITE not in train._summarise(host, skip=False)
 
 
-@pytest.mark.parametrize("override, message", [("--config.nonfinite=ignore", "nonfinite must be one of stop, skip"),
-                                               ("--config.nonfinite_skip_limit=0", "nonfinite_skip_limit must be")])
-def test_bad_nonfinite_settings_are_one_line_and_exit_2(tmp_path, override, message):
-    out = cli(tmp_path / "w", override)
-    lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
-    assert out.returncode == 2 and len(lines) == 1 and message in lines[0], out.stderr
+@pytest.mark.parametrize("key, value, message", [("nonfinite", "ignore", "nonfinite must be one of stop, skip"),
+                                                 ("nonfinite_skip_limit", 0, "nonfinite_skip_limit must be")])
+def test_bad_nonfinite_settings_are_refused_naming_the_choices(key, value, message):
+    config = configs.teacher_config("resnet8")
+    setattr(config, key, value)
+    with pytest.raises(train.ConfigError, match=message):  # main.py turns it into one line, exit status 2
+        train.validate_config(config, 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -182,8 +183,8 @@ def test_a_second_signal_during_the_stop_does_not_interrupt_the_save():
             time.sleep(0.5)
 
 
-def test_sigterm_twice_mid_epoch_saves_a_finished_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(tmp_path):
-    straight, stopped = tmp_path / "straight", tmp_path / "stopped"
+def test_sigterm_twice_mid_epoch_saves_a_finished_checkpoint_and_the_rerun_finishes_from_it(tmp_path):
+    stopped = tmp_path / "stopped"  # (that a resumed run ends with an uninterrupted run's weights: test_cli.py)
     args = ["--config.num_epochs=3", "--config.log_every_steps=1"]
     cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/teacher.py:resnet8", "--workdir",
            str(stopped), *TINY, *args]
@@ -217,10 +218,7 @@ def test_sigterm_twice_mid_epoch_saves_a_finished_checkpoint_and_the_rerun_ends_
 
     out = cli(stopped, *args)
     assert out.returncode == 0 and f"resumed from step {stopped_at}" in out.stderr, out.stderr[-2000:]
-    out = cli(straight, *args)
-    assert out.returncode == 0, out.stderr[-2000:]
-    for a, b in zip(newest_weights(straight), newest_weights(stopped)):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert ckpt_lib.Checkpointer(str(stopped)).latest_step() == 24
 
 
 # --------------------------------------------------------------------------------------------------------------------

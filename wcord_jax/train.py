@@ -295,8 +295,6 @@ def setup_run(config, validate: Callable, extra_features: tuple = ()) -> tuple:
     except ValueError as e:  # more devices than there are, or a subset in a multi-process run
         raise ConfigError(f"num_devices={config.get('num_devices')}: {e}") from e
     validate(config, mesh.devices.size)
-    if host.NOTE and jax.default_backend() == "cpu":
-        log.info("%s", host.NOTE)
     view = parse_view(config.get("view"), "view")
     features = tuple(sorted({f for f in (view.feature, *extra_features) if f}))
     dataset = data_lib.load(config.dataset, config.seed, features)
@@ -360,6 +358,8 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                  workdir)
     if is_main:
         _write_config(workdir, config)
+        if host.NOTE and jax.default_backend() == "cpu":  # after every config check: an error stays one line
+            log.info("%s", host.NOTE)
         log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,
                  feed.dataset.num_train, feed.dataset.num_test, mesh.devices.size, jax.devices()[0].platform,
                  steps_per_epoch, num_epochs)
