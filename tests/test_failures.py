@@ -23,10 +23,18 @@ TINY = ["--config.dataset.name=synthetic", "--config.dataset.num_train=256", "--
         "--config.log_every_steps=4", "--config.num_devices=1"]  # 8 steps per epoch
 
 
+def fast_env(workdir):
+    """The CPU, XLA's cheap compilation and a compilation cache shared by the runs of one test (CI time)."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+             " --xla_llvm_disable_expensive_passes=true")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip(),
+                JAX_COMPILATION_CACHE_DIR=str(workdir.parent / "jax_cache"),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+
+
 def cli(workdir, *args, config="configs/teacher.py:resnet8", timeout=300):
     cmd = [sys.executable, "-m", "wcord_jax.main", "--config", config, "--workdir", str(workdir), *TINY, *args]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=fast_env(workdir), capture_output=True, text=True, timeout=timeout)
 
 
 def error_lines(stderr):
@@ -188,7 +196,7 @@ def test_sigterm_twice_mid_epoch_saves_a_finished_checkpoint_and_the_rerun_finis
     args = ["--config.num_epochs=3", "--config.log_every_steps=1"]
     cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/teacher.py:resnet8", "--workdir",
            str(stopped), *TINY, *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=fast_env(stopped), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     lines = []
 

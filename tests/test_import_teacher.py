@@ -426,10 +426,16 @@ class _Boom:
         return (os.system, (f"touch {self.marker}",))
 
 
+def _env():
+    """The CPU and XLA's cheap compilation (CI time)."""
+    flags = (os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
+             " --xla_llvm_disable_expensive_passes=true")
+    return dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=flags.strip())
+
+
 def _cli(*args, timeout=300):
     cmd = [sys.executable, "-m", "wcord_jax.import_teacher", *args]
-    return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 def _one_error_line(out, expected):
@@ -527,8 +533,7 @@ def test_an_imported_teacher_is_evaluated_and_distils_from_the_command_line(tmp_
     cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/distill.py:crd,resnet8,resnet8", "--workdir",
            str(tmp_path / "student"), f"--config.teacher.checkpoint={teacher}", "--config.num_epochs=1",
            "--config.crd.nce_k=16", *data]
-    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
-                         timeout=300)
+    out = subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     events = [__import__("json").loads(l) for l in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert abs(events[0]["teacher/top1"] - meta["eval/top1"]) < 1e-6  # the same teacher, the same test split
