@@ -214,7 +214,8 @@ class _Variant:
         self.state = jax.block_until_ready(parallel.place(jax.tree.map(jnp.copy, state), mesh, spec))
         start = time.perf_counter()
         with patched_losses(replacements):  # active while the step is traced
-            runner = build["feed"].make_runner(build["step_fn"], build["dtype"], num_extra=2, state_spec=spec)
+            runner = build["feed"].make_runner(build["step_fn"], build["dtype"], num_extra=2, state_spec=spec,
+                                               nonfinite=build["nonfinite"])
             self.compiled = runner.lower(self.state, *build["extra"], *args0).compile()
         self.compile_s = time.perf_counter() - start
         self.extra = build["extra"]
@@ -283,6 +284,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     eng = distill.build_engine(config, dataset, feed.steps_per_epoch, dtype, teacher_vars=teacher_vars)
     state = eng.state
     build = {"mesh": mesh, "spec": eng.spec, "feed": feed, "step_fn": eng.main_step, "dtype": dtype,
+             "nonfinite": config.get("nonfinite", "stop"),  # the finiteness check, as a training run has it
              "extra": (parallel.replicate(eng.teacher_vars, mesh), parallel.replicate(eng.class_index, mesh))}
 
     spd = feed.steps_per_dispatch
