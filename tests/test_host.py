@@ -1,5 +1,5 @@
 """XLA:CPU start-up settings (`wcord_jax.host`): the device count and oneDNN chosen from the config, the cores and the
-CPU's flags; an explicit XLA_FLAGS wins; bad values are one line with exit status 2."""
+CPU's vendor; an explicit XLA_FLAGS wins; bad values are one line with exit status 2."""
 import os
 import subprocess
 import sys
@@ -9,8 +9,7 @@ import pytest
 from wcord_jax import configs, host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-AMX = frozenset({"avx512f", "amx_bf16", "amx_tile"})
-NO_AMX = frozenset({"avx512f", "avx512_bf16"})
+INTEL, AMD = "GenuineIntel", "AuthenticAMD"
 
 
 @pytest.mark.parametrize("cores, batches, expected", [
@@ -20,11 +19,21 @@ def test_auto_device_count_is_the_largest_divisor_of_the_batch_sizes_up_to_the_c
     assert host.auto_cpu_devices(cores, batches) == expected
 
 
-def test_onednn_auto_follows_amx():
-    assert host.onednn_wanted("auto", AMX) and not host.onednn_wanted("auto", NO_AMX)
-    assert host.onednn_wanted("on", NO_AMX) and not host.onednn_wanted("off", AMX)
+def test_onednn_auto_follows_the_cpu_vendor():
+    assert host.onednn_wanted("auto", INTEL) and not host.onednn_wanted("auto", AMD)
+    assert not host.onednn_wanted("auto", "")
+    assert host.onednn_wanted("on", AMD) and not host.onednn_wanted("off", INTEL)
     with pytest.raises(ValueError, match="auto, on, off"):
-        host.onednn_wanted("yes", AMX)
+        host.onednn_wanted("yes", INTEL)
+
+
+def test_cpu_vendor_reads_proc_cpuinfo(tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nvendor_id\t: GenuineIntel\ncpu family\t: 6\nflags\t\t: fpu avx512f\n")
+    assert host.cpu_vendor(str(info)) == INTEL
+    info.write_text("processor\t: 0\nBogoMIPS\t: 50.00\n")  # an ARM host names no vendor_id
+    assert host.cpu_vendor(str(info)) == ""
+    assert host.cpu_vendor(str(tmp_path / "missing")) == ""
 
 
 def _config(**overrides):
@@ -36,34 +45,34 @@ def _config(**overrides):
 
 def test_configure_adds_the_flags_the_config_asks_for():
     env = {}
-    note = host.configure(_config(), env, cores=2, flags=NO_AMX)
+    note = host.configure(_config(), env, cores=2, vendor=AMD)
     assert env["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2"]
-    assert "2 CPU devices" in note and "oneDNN off (auto: no AMX)" in note and host.NOTE == note
+    assert "2 CPU devices" in note and "oneDNN off (auto: not an Intel CPU)" in note and host.NOTE == note
 
     env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-    host.configure(_config(cpu_devices=3), env, cores=2, flags=AMX)
+    host.configure(_config(cpu_devices=3), env, cores=2, vendor=INTEL)
     assert env["XLA_FLAGS"].split() == ["--xla_dump_to=/tmp/x", "--xla_force_host_platform_device_count=3",
                                         "--xla_cpu_use_onednn=true"]
 
     env = {}
-    note = host.configure(_config(cpu_devices=1, cpu_onednn="off"), env, cores=16, flags=AMX)
+    note = host.configure(_config(cpu_devices=1, cpu_onednn="off"), env, cores=16, vendor=INTEL)
     assert "XLA_FLAGS" not in env and "1 CPU device (cpu_devices)" in note and "oneDNN off (off)" in note
 
 
 def test_explicit_xla_flags_win_and_multi_process_runs_keep_one_device_per_process():
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=4 --xla_cpu_use_onednn=false"}
-    note = host.configure(_config(cpu_devices=2, cpu_onednn="on"), env, cores=8, flags=AMX)
+    note = host.configure(_config(cpu_devices=2, cpu_onednn="on"), env, cores=8, vendor=INTEL)
     assert env["XLA_FLAGS"] == "--xla_force_host_platform_device_count=4 --xla_cpu_use_onednn=false"
     assert "as XLA_FLAGS sets them" in note and "oneDNN as XLA_FLAGS sets it" in note
 
     env = {"WCORD_DISTRIBUTED": "1"}
-    note = host.configure(_config(), env, cores=8, flags=NO_AMX)
+    note = host.configure(_config(), env, cores=8, vendor=AMD)
     assert "XLA_FLAGS" not in env and "multi-process" in note
 
 
 def test_bad_device_count_is_refused():
     with pytest.raises(ValueError, match="cpu_devices must be 0"):
-        host.configure(_config(cpu_devices=-1), {}, cores=2, flags=NO_AMX)
+        host.configure(_config(cpu_devices=-1), {}, cores=2, vendor=AMD)
 
 
 def test_jax_gets_the_devices_configure_chose():

@@ -59,7 +59,7 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.nonfinite_skip_limit = 10
     c.num_devices = 0  # use the first N devices of the data mesh (0: all)
     # XLA:CPU at start-up (wcord_jax.host): the host CPU split into this many devices (0: one per usable core that
-    # divides the batch sizes; 1: one device), and its oneDNN kernels (auto: on where the CPU has AMX).
+    # divides the batch sizes; 1: one device), and its oneDNN kernels (auto: on where the CPU is an Intel one).
     c.cpu_devices = 0
     c.cpu_onednn = "auto"
     c.progress_bar = True  # a tqdm bar per epoch when stderr is a terminal
