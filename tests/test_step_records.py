@@ -3,7 +3,9 @@ files (`tests/data/step_records.json`): the move changed no loss, no term, no up
 
 The record holds, per case, the metrics of each step `conftest.first_steps` takes (two steps; for methods with an init
 stage two init-stage steps and one main-stage step) on `conftest.shrink`'s synthetic data from the small teachers.
-On the machine that took it the values are bit-identical; the tolerance allows for XLA:CPU on another CPU kind.
+On the machine that took it (a 2-core AMD EPYC) the values are bit-identical; the tolerance allows for XLA:CPU on
+another CPU kind: on a 2-core Intel Xeon every case was within a relative 2e-6 of the record except PKT, whose loss
+after its first update differed by 3.7e-5 (RTOL).
 
 Re-record (only for an intended change of a method's numbers, said in the commit):
     python tests/test_step_records.py --record
@@ -39,6 +41,9 @@ def case_metrics(case, teachers):
     return first_steps(small_distill_config(method, teachers, num_devices=1, **overrides))
 
 
+RTOL = {"pkt": 1e-4}  # the cases measured above 2e-5 on another CPU kind; every other case: 2e-5
+
+
 def _record():
     with open(RECORD) as f:
         return json.load(f)
@@ -50,7 +55,8 @@ def assert_equals_record(case, got):
     assert [sorted(m) for m in got] == [sorted(m) for m in want]
     for step, (g, w) in enumerate(zip(got, want)):
         for key in w:
-            np.testing.assert_allclose(g[key], w[key], rtol=2e-5, atol=1e-6, err_msg=f"{case} step {step} {key}")
+            np.testing.assert_allclose(g[key], w[key], rtol=RTOL.get(case, 2e-5), atol=1e-6,
+                                       err_msg=f"{case} step {step} {key}")
 
 
 # The baselines' first steps are taken (and checked against the record) by test_baselines_engine's CLI test.

@@ -227,3 +227,59 @@ def test_beyond_plan_runs_each_task_with_its_views_and_teachers():
     assert sorted({r["method"] for r in tasks}) == ["crd", "wcord"]  # KD is refused for another label space
     students = [r for r in runs if r["group"] == "student"]
     assert len(students) == 3 * (1 + 8 + 3 + 9 + 2)
+
+
+def _fake_beyond(config, workdir, seeds, rng):
+    from wcord_jax.experiments import beyond
+
+    config = beyond.beyond_config("quick") if config is None else config
+    config.seeds = tuple(seeds)
+    for run in beyond.plan(config, str(workdir)):
+        if not os.path.exists(os.path.join(run["workdir"], "metrics.jsonl")):
+            n = study._total_epochs(run["config"])
+            _fake_run(run["workdir"], list(np.clip(rng.uniform(0.5, 0.9, n), 0, 1)))
+    return config
+
+
+def test_beyond_report_adds_the_seeds_of_an_earlier_part(tmp_path):
+    """An experiment finished in two parts: the second workdir's report holds both parts' seeds, each entry naming
+    its file and CPU; a seed the workdir has itself is not replaced; a file that is not a report is one line."""
+    from wcord_jax import host, train
+    from wcord_jax.experiments import beyond
+
+    rng = np.random.default_rng(3)
+    first = _fake_beyond(None, tmp_path / "a", (0, 1), rng)
+    part_a = beyond.write_report(first, str(tmp_path / "a"))
+    earlier = str(tmp_path / "a" / "results_beyond.json")
+    second = _fake_beyond(None, tmp_path / "b", (1, 2), rng)
+    second.earlier_results = earlier
+    merged = beyond.write_report(second, str(tmp_path / "b"))
+    plain = beyond.beyond_config("quick")
+    plain.seeds = (1, 2)
+    alone_b = beyond.collect(plain, str(tmp_path / "b"))  # the same workdir without the earlier file
+    for task, labels in merged["cells"].items():
+        for label, methods in labels.items():
+            for method, entries in methods.items():
+                assert [e["seed"] for e in entries] == [0, 1, 2], (task, label, method)
+                a = {e["seed"]: e for e in part_a["cells"][task][label][method]}
+                b = {e["seed"]: e for e in alone_b["cells"][task][label][method]}
+                assert entries[0]["final"] == a[0]["final"] and entries[0]["source"] == earlier
+                assert entries[1]["final"] == b[1]["final"] != a[1]["final"] and entries[1]["source"] == ""
+                assert entries[2]["final"] == b[2]["final"]
+                assert all(e["cpu"] == host.cpu_model() for e in entries)
+    assert merged["earlier"][earlier]["teachers"] == part_a["teachers"]
+    md = (tmp_path / "b" / "results_beyond.md").read_text()
+    assert f"Runs from {earlier}" in md and "(n=3)" in md and "(n=2)" not in md
+
+    (tmp_path / "bad.json").write_text("{}")
+    second.earlier_results = str(tmp_path / "bad.json")
+    with pytest.raises(train.ConfigError, match="bad.json is not a results_beyond.json"):
+        beyond.collect(second, str(tmp_path / "b"))
+
+
+def test_cpu_model_reads_proc_cpuinfo(tmp_path):
+    from wcord_jax import host
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B45\nflags\t\t: fpu\n")
+    assert host.cpu_model(str(info)) == "AMD EPYC 9B45" and host.cpu_vendor(str(info)) == "AuthenticAMD"

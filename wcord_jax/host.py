@@ -42,17 +42,26 @@ def usable_cores() -> int:
 INTEL = "GenuineIntel"
 
 
-def cpu_vendor(path: str = "/proc/cpuinfo") -> str:
-    """The CPU's `vendor_id` (GenuineIntel, AuthenticAMD, ...; empty where /proc/cpuinfo does not say, e.g. on macOS
-    or an ARM host)."""
+def _cpuinfo(field: str, path: str) -> str:
     try:
         with open(path) as f:
             for line in f:
-                if line.startswith("vendor_id"):
+                if line.split(":", 1)[0].strip() == field:
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
+
+
+def cpu_vendor(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's `vendor_id` (GenuineIntel, AuthenticAMD, ...; empty where /proc/cpuinfo does not say, e.g. on macOS
+    or an ARM host)."""
+    return _cpuinfo("vendor_id", path)
+
+
+def cpu_model(path: str = "/proc/cpuinfo") -> str:
+    """The CPU's `model name` as `lscpu` shows it (empty where /proc/cpuinfo does not say)."""
+    return _cpuinfo("model name", path)
 
 
 def auto_cpu_devices(cores: int, batch_sizes: Sequence[int]) -> int:

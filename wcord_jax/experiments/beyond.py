@@ -17,6 +17,10 @@ WCoRD (the library's defaults):
 Every run is an ordinary run of the library in its own workdir; run in the study's WORKDIR, the study's teacher and
 its student-alone runs (`none/seed<N>`) are shared. The experiment resumes where it stopped. At the end (and with
 `--report_only`) it writes `results_beyond.md` / `.json` and `beyond.png` (one panel per task).
+
+An experiment too long for one machine's session can be finished in parts: `--config.seeds=1,2` runs some seeds
+only, and `--config.earlier_results=A.json,B.json` adds the runs recorded in earlier `results_beyond.json` files
+(cells and seeds this workdir has not finished) to the report, each entry keeping the file and the CPU it came from.
 """
 from __future__ import annotations
 
@@ -51,6 +55,8 @@ def beyond_config(preset: str = "main") -> ml_collections.ConfigDict:
     c.ensemble_teacher = "resnet8"
     c.ensemble_sizes = (1, 2, 4)
     c.other_task_classes = (0, 1, 2, 3, 4)
+    # Comma-separated results_beyond.json files of earlier parts of the experiment (see the module docstring).
+    c.earlier_results = ""
     if preset == "quick":
         c.ensemble_sizes = (1, 2)
         c.privileged_views = ("downsample:4",)
@@ -183,8 +189,12 @@ def _teacher_top1(run_dir: str) -> dict:
 
 
 def collect(config, workdir: str) -> dict:
-    """{'teachers': {name: top-1}, 'cells': {task: {label: {method: [entries]}}}} of the finished runs."""
-    out = {"teachers": {}, "cells": {}}
+    """{'teachers': {name: top-1}, 'cells': {task: {label: {method: [entries]}}}, 'cpu', 'earlier'} of the finished
+    runs, then the entries of `config.earlier_results` whose (task, label, method, seed) this workdir lacks."""
+    from wcord_jax import host
+
+    cpu = host.cpu_model()
+    out = {"teachers": {}, "cells": {}, "cpu": cpu, "earlier": {}}
     for run in plan(config, workdir):
         curve = study.read_curve(run["workdir"])
         if len(curve) < study._total_epochs(run["config"]):  # noqa: SLF001
@@ -192,10 +202,38 @@ def collect(config, workdir: str) -> dict:
         if run["group"] == "teacher":
             out["teachers"][run["label"]] = curve[-1]
             continue
-        entry = {"seed": run["seed"], "final": curve[-1], "best": max(curve), "teacher": _teacher_top1(run["workdir"])}
+        entry = {"seed": run["seed"], "final": curve[-1], "best": max(curve), "teacher": _teacher_top1(run["workdir"]),
+                 "source": "", "cpu": cpu}
         out["cells"].setdefault(run["task"], {}).setdefault(run["label"], {}).setdefault(run["method"], []).append(
             entry)
+    for path in filter(None, (p.strip() for p in config.get("earlier_results", "").split(","))):
+        _merge_earlier(out, path)
     return out
+
+
+def _merge_earlier(out: dict, path: str) -> None:
+    """Adds an earlier report's entries for (task, label, method, seed) that `out` lacks, tagged with the file (and
+    its CPU where the entry does not name one); its teachers go under out['earlier'][path]."""
+    from wcord_jax import train
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            earlier = json.load(f)
+        cells = earlier["cells"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise train.ConfigError(f"earlier_results: {path} is not a results_beyond.json ({type(e).__name__}: {e})")
+    out["earlier"][path] = {"teachers": earlier.get("teachers", {}), "cpu": earlier.get("cpu", "")}
+    for task, labels in cells.items():
+        for label, methods in labels.items():
+            for method, entries in methods.items():
+                mine = out["cells"].setdefault(task, {}).setdefault(label, {}).setdefault(method, [])
+                have = {e["seed"] for e in mine}
+                for e in entries:
+                    if e["seed"] not in have:
+                        mine.append({**e, "source": e.get("source") or path,
+                                     "cpu": e.get("cpu") or earlier.get("cpu", "")})
+                        have.add(e["seed"])
+                mine.sort(key=lambda e: e["seed"])
 
 
 def _cell(entries) -> str:
@@ -236,7 +274,13 @@ def write_report(config, workdir: str) -> dict:
              f"images, test top-1 (%) on {config.num_test} test images seen through the student's view; mean ± "
              f"sample std over seeds (n = seeds finished); after each cell its difference from the student alone "
              "on the same view. Teachers (test top-1 on their own view): " +
-             ", ".join(f"{k} {100 * v:.2f}" for k, v in sorted(results["teachers"].items())) + ".", ""]
+             ", ".join(f"{k} {100 * v:.2f}" for k, v in sorted(results["teachers"].items())) + ".",
+             "", f"Runs in this workdir: on {results['cpu'] or 'an unnamed CPU'}."]
+    for path, earlier in results["earlier"].items():
+        lines.append(f"Runs from {path} (where this workdir has none of that cell and seed): on "
+                     f"{earlier['cpu'] or 'an unnamed CPU'}; their teachers: " +
+                     ", ".join(f"{k} {100 * v:.2f}" for k, v in sorted(earlier["teachers"].items())) + ".")
+    lines.append("")
     if "privileged" in cells:
         views = list(config.privileged_views)
         rows = {m: {v: cells["privileged"].get(v, {}).get(m, []) for v in views} for m in config.methods}

@@ -479,12 +479,12 @@ def run_and_report(config, workdir: str, run_all, write_report, report_name: str
 
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
-    if not report_only:
-        try:
+    try:
+        if not report_only:
             run_all(config, workdir)
-        except train.ConfigError as e:
-            cli._fail(str(e))  # noqa: SLF001
-    write_report(config, workdir)
+        write_report(config, workdir)
+    except train.ConfigError as e:
+        cli._fail(str(e))  # noqa: SLF001
     with open(os.path.join(workdir, report_name), encoding="utf-8") as f:
         print(f.read())
 
