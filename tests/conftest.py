@@ -2,7 +2,10 @@
 
 This must run before JAX initialises its backends, hence the environment variable at import time.
 """
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -10,6 +13,14 @@ _flag = "--xla_force_host_platform_device_count=4"
 if _flag not in os.environ.get("XLA_FLAGS", ""):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One compilation cache for the test session and the command-line runs it starts (they inherit the environment):
+# the tests compile many of the same small programs (a run and its resume, one config reached by several paths). It
+# starts empty and goes with the session; JAX keys it on the program and the XLA flags.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="wcord_jax_tests_jax_cache_")
+    atexit.register(shutil.rmtree, _cache, True)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
 def shrink(config, *, num_train=64, num_test=32, image_size=16, num_classes=4, batch_size=16, log_every_steps=1,
