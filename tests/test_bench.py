@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from wcord_jax import bench, configs
+from wcord_jax import bench, configs, host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=8", "--config.dataset.image_size=16", "--config.dataset.num_train=256",
@@ -35,6 +35,7 @@ def _check_record(r, method, steps=2, batch=8):
     assert abs(r["img_per_s"] * r["ms_per_step"] / 1000.0 - batch) < 0.01 * batch
     assert (r["steps"], r["batch_size"], r["dtype"], r["backend"]) == (steps, batch, "float32", "cpu")
     assert r["device_count"] >= 1 and isinstance(r["device_kind"], str)
+    assert r["cpu_model"] == host.cpu_model()  # lscpu's model name, recorded with every figure
     assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
     assert r["final_loss"] is not None  # a finite loss: the step really ran
     assert r["image_shape"] == [16, 16, 3] and r["num_classes"] == 100  # CIFAR-100 shapes unless overridden
@@ -95,6 +96,7 @@ def test_accelerator_table_runs_its_smallest_setting_on_the_cpu(tmp_path):
     assert len(lines) == 3 and lines[0].startswith("| method | teacher -> student | dtype | batch")
     records = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["wcord", "crd"] and all(r["img_per_s"] > 0 for r in records)
+    assert all(r["num_train"] == 4096 for r in records)  # the small set its header names, not the bench's 50,000
     minutes = 240 * 50_000 / records[0]["img_per_s"] / 60
     assert f"{minutes:,.1f} min" in lines[1] and "| wcord | wrn_40_2 -> wrn_16_2 | float32 | 64 | 1 |" in lines[1]
     skipped = bench_table.table(records[:1], rows[1:2])

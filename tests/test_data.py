@@ -88,6 +88,23 @@ def test_synthetic_is_seeded_and_shaped():
     assert np.array_equal(a.train.images, b.train.images) and not np.array_equal(a.train.images, c.train.images)
 
 
+def test_synthetic_is_its_documented_formula_across_chunks():
+    """Every example is (3 template + noise) // 4 from numpy's default generator, the depth feature the same with the
+    noise averaged over channels: written out here in int64, over a set of several of the source's chunks."""
+    n, size, channels, classes, seed, template_seed = 2 * sources._SYNTHETIC_CHUNK + 37, 8, 3, 5, 4, 9  # noqa: SLF001
+    templates = np.random.default_rng(template_seed).integers(0, 256, size=(classes, size, size, channels))
+    depth_templates = np.random.default_rng(template_seed + 1_000_003).integers(0, 256, size=(classes, size, size, 1))
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, classes, size=(n,), dtype=np.int32)
+    noise = rng.integers(0, 256, size=(n, size, size, channels))
+    got = sources.synthetic(n, size, channels, classes, seed, template_seed)
+    np.testing.assert_array_equal(got.labels, labels)
+    np.testing.assert_array_equal(got.images, ((3 * templates[labels] + noise) // 4).astype(np.uint8))
+    depth = (3 * depth_templates[labels] + noise.mean(-1, keepdims=True)) // 4
+    np.testing.assert_array_equal(got.features["depth"], depth.astype(np.uint8))
+    assert got.images.dtype == got.features["depth"].dtype == np.uint8
+
+
 def test_random_crop_flip_is_a_shifted_window_of_the_padded_image():
     image = jnp.asarray(np.random.default_rng(0).integers(1, 256, (8, 8, 3)), jnp.uint8)  # no zeros inside
     padded = np.pad(np.asarray(image), ((4, 4), (4, 4), (0, 0)))

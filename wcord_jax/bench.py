@@ -350,6 +350,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         "ms_per_step": ms("full"),
         "compile_s": round(full.compile_s, 2),
         "device_kind": jax.devices()[0].device_kind, "device_count": int(mesh.devices.size),
+        "cpu_model": host.cpu_model(),  # the host's, as lscpu names it: CPU figures differ by CPU kind
         "backend": jax.default_backend(), "dtype": config.dtype, "batch_size": config.batch_size,
         "steps": timed_steps, "warmup": n_warm * spd, "rounds": rounds, "steps_per_dispatch": spd,
         "peak_memory_bytes": peak,
