@@ -24,10 +24,6 @@ import jax.numpy as jnp
 from flax import struct
 from jax import lax
 from jax.sharding import PartitionSpec
-from ott.geometry import costs, pointcloud
-from ott.problems.linear import linear_problem
-from ott.solvers.linear import implicit_differentiation as implicit_lib
-from ott.solvers.linear import sinkhorn
 
 from wcord_jax.losses import _parallel
 from wcord_jax.losses.crd import CRDState, update_crd_memories
@@ -301,7 +297,14 @@ def wcord_global_loss_memory(crd_state: CRDState, emb_s: jax.Array, emb_t: jax.A
 # Local term: entropic OT between the batch's student and teacher embeddings
 
 
+# ott-jax is imported where the local term is traced: importing it takes about 2 s, which every command-line run
+# of another method would pay at start-up.
 def _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit: bool):
+    from ott.geometry import costs, pointcloud
+    from ott.problems.linear import linear_problem
+    from ott.solvers.linear import implicit_differentiation as implicit_lib
+    from ott.solvers.linear import sinkhorn
+
     geom = pointcloud.PointCloud(x, y, cost_fn=costs.Cosine(), epsilon=epsilon)
     solver = sinkhorn.Sinkhorn(lse_mode=True, threshold=threshold, max_iterations=max_iterations,
                                implicit_diff=implicit_lib.ImplicitDiff() if implicit else None)
@@ -309,6 +312,8 @@ def _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit: bool):
 
 
 def _cost_matrix(x, y):
+    from ott.geometry import costs, pointcloud
+
     return pointcloud.PointCloud(x, y, cost_fn=costs.Cosine()).cost_matrix
 
 
