@@ -23,6 +23,12 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
     os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
 
+def pytest_xdist_auto_num_workers(config):
+    """`-n auto` (setup.cfg's addopts): a worker per core this process may use, at most 4 (each worker compiles and
+    holds its own programs: memory, not cores, limits a laptop)."""
+    return max(1, min(4, len(os.sched_getaffinity(0))))
+
+
 def shrink(config, *, num_train=64, num_test=32, image_size=16, num_classes=4, batch_size=16, log_every_steps=1,
            **overrides):
     """`config` (a teacher or distill config) on a small synthetic data set, one epoch, no progress bar; CRD and
@@ -49,6 +55,7 @@ def shrink(config, *, num_train=64, num_test=32, image_size=16, num_classes=4, b
 # A teacher with 4x the student's channels, so the regressors and connectors are real layers; FSP needs equal
 # channel counts and gets a teacher of the student's architecture.
 SMALL_TEACHER = {"fsp": "resnet8"}
+SMALL_TEACHER_MODELS = ("resnet8", "resnet8x4")
 
 
 def train_small_teachers(root) -> dict:
@@ -56,7 +63,7 @@ def train_small_teachers(root) -> dict:
     from wcord_jax import configs, train
 
     dirs = {}
-    for model in ("resnet8", "resnet8x4"):
+    for model in SMALL_TEACHER_MODELS:
         dirs[model] = os.path.join(str(root), model)
         train.train_and_evaluate(shrink(configs.teacher_config(model), num_devices=1), dirs[model])
     return dirs
@@ -109,4 +116,18 @@ def first_steps(config, num_steps: int = 2, states: bool = False):
 
 @pytest.fixture(scope="session")
 def small_teachers(tmp_path_factory):
-    return train_small_teachers(tmp_path_factory.mktemp("small_teachers"))
+    """`train_small_teachers`' teachers, trained once for the whole run: the parallel workers (pytest-xdist) share
+    one copy in their common temporary directory, the first to need it training it under a file lock."""
+    import fcntl
+
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return train_small_teachers(tmp_path_factory.mktemp("small_teachers"))
+    root = tmp_path_factory.getbasetemp().parent / "small_teachers"
+    root.mkdir(exist_ok=True)
+    with open(root / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (root / "done").exists():
+            return {model: str(root / model) for model in SMALL_TEACHER_MODELS}
+        dirs = train_small_teachers(root)
+        (root / "done").write_text("")
+        return dirs

@@ -77,7 +77,9 @@ def test_local_metric_writer_appends_and_writes_tensorboard_events(tmp_path):
         writer.write(step, {"train/loss": 0.5 * step, "epoch": 1})
         writer.close()
     assert [r["step"] for r in metrics.read_metrics(str(tmp_path / "run"))] == [1, 2]
-    events = sorted(p for p in os.listdir(tmp_path / "run") if p.startswith("events.out.tfevents."))
+    # events.out.tfevents.TIME.HOST.PID.N, N counting the process's writers (it can pass 9 within one second)
+    events = sorted((p for p in os.listdir(tmp_path / "run") if p.startswith("events.out.tfevents.")),
+                    key=lambda p: (int(p.split(".")[3]), int(p.rsplit(".", 1)[1])))
     assert len(events) == 2
 
     from tensorboard.compat.proto import event_pb2
