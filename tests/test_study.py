@@ -283,3 +283,69 @@ def test_cpu_model_reads_proc_cpuinfo(tmp_path):
     info = tmp_path / "cpuinfo"
     info.write_text("vendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 9B45\nflags\t\t: fpu\n")
     assert host.cpu_model(str(info)) == "AMD EPYC 9B45" and host.cpu_vendor(str(info)) == "AuthenticAMD"
+
+
+def test_a_claim_is_one_process_s_and_a_gone_process_s_claim_is_taken_over(tmp_path):
+    import socket
+    import subprocess
+
+    root, run = str(tmp_path), str(tmp_path / "crd" / "seed0")
+    path = study.claim_run(root, run)
+    assert path and open(path).read() == f"{socket.gethostname()} {os.getpid()}"
+    assert study.claim_run(root, run) is None  # held (by this live process)
+    assert study.claim_run(root, str(tmp_path / "crd" / "seed1")) not in (None, path)  # another run: free
+    os.remove(path)
+    assert study.claim_run(root, run) == path
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    with open(path, "w") as f:
+        f.write(f"{socket.gethostname()} {gone.pid}")
+    assert study.claim_run(root, run) == path and open(path).read().endswith(f" {os.getpid()}")
+    with open(path, "w") as f:
+        f.write(f"another-host {gone.pid}")  # its liveness cannot be seen from here: kept
+    assert study.claim_run(root, run) is None
+
+
+def test_processes_sharing_a_workdir_skip_each_other_s_runs_and_students_wait_for_the_teachers(tmp_path):
+    """run_runs with a run claimed by another live process: this one trains the teacher, then the free student, waits
+    for the claimed one to be finished by its holder, and returns; it never trains it."""
+    import subprocess
+    import threading
+
+    runs = [{"group": g, "label": name, "seed": 0, "workdir": str(tmp_path / name)}
+            for g, name in (("teacher", "t"), ("method", "held"), ("method", "free"))]
+    finished, trained = set(), []
+    other = subprocess.Popen(["sleep", "30"])
+    try:
+        with open(study.claim_run(str(tmp_path), runs[1]["workdir"]), "w") as f:
+            f.write(f"{__import__('socket').gethostname()} {other.pid}")  # the other process's claim
+
+        def train(run):
+            assert run["label"] != "held"
+            assert run["group"] == "teacher" or "t" in finished  # students after the teacher
+            trained.append(run["label"])
+            finished.add(run["label"])
+            if run["label"] == "free":  # the other process finishes its run a little later
+                threading.Timer(0.3, finished.add, ("held",)).start()
+            return {"eval/top1": 0.5}
+
+        study.run_runs(runs, str(tmp_path), lambda r: r["label"], train=train, done=lambda r: r["label"] in finished,
+                       poll_s=0.05)
+    finally:
+        other.kill()
+    assert trained == ["t", "free"] and finished == {"t", "held", "free"}
+    assert sorted(os.listdir(tmp_path / study.CLAIMS)) == ["held"]  # this process released its own claims
+
+
+def test_a_quick_study_of_two_methods_runs_and_leaves_no_claims(tmp_path):
+    """study.run_all end to end (quick preset: the teacher, then the student alone), and a second call finds every run
+    done."""
+    config = study.study_config("quick")
+    config.methods = ("none",)
+    study.run_all(config, str(tmp_path))
+    runs = study.plan(config, str(tmp_path))
+    assert [r["label"] for r in runs] == ["resnet8", "none"] and all(study.run_done(r) for r in runs)
+    assert os.listdir(tmp_path / study.CLAIMS) == []
+    mtimes = [os.path.getmtime(os.path.join(r["workdir"], "metrics.jsonl")) for r in runs]
+    study.run_all(config, str(tmp_path))  # resumed: nothing left to train
+    assert [os.path.getmtime(os.path.join(r["workdir"], "metrics.jsonl")) for r in runs] == mtimes

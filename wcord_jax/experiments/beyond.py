@@ -15,8 +15,9 @@ WCoRD (the library's defaults):
   WCoRD (KD is refused: the logits are of different label spaces).
 
 Every run is an ordinary run of the library in its own workdir; run in the study's WORKDIR, the study's teacher and
-its student-alone runs (`none/seed<N>`) are shared. The experiment resumes where it stopped. At the end (and with
-`--report_only`) it writes `results_beyond.md` / `.json` and `beyond.png` (one panel per task).
+its student-alone runs (`none/seed<N>`) are shared. The experiment resumes where it stopped, and several processes
+may share its WORKDIR (`study.run_runs`). At the end (and with `--report_only`) it writes `results_beyond.md` /
+`.json` and `beyond.png` (one panel per task).
 
 An experiment too long for one machine's session can be finished in parts: `--config.seeds=1,2` runs some seeds
 only, and `--config.earlier_results=A.json,B.json` adds the runs recorded in earlier `results_beyond.json` files
@@ -27,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 
 import ml_collections
 import numpy as np
@@ -154,25 +154,9 @@ def plan(config, workdir: str) -> list[dict]:
 
 
 def run_all(config, workdir: str) -> None:
-    from wcord_jax import distill, train
-
     runs = plan(config, workdir)
-    for run in runs:
-        reason = study.stale_reason(run)
-        if reason:
-            raise train.ConfigError(f"{reason}: use another --workdir")
-    start = time.time()
-    for i, run in enumerate(runs, 1):
-        cfg = run["config"]
-        what = f"{run['task']} {run['label']} {run['method'] or ''} seed {run['seed']}"
-        if len(study.read_curve(run["workdir"])) >= study._total_epochs(cfg):  # noqa: SLF001
-            log.info("[%d/%d] %s: done already", i, len(runs), what)
-            continue
-        t0 = time.time()
-        fn = train.train_and_evaluate if run["group"] == "teacher" else distill.distill_and_evaluate
-        result = fn(cfg, run["workdir"])
-        log.info("[%d/%d] %s: test top-1 %.4f (%.0f s; %.0f min so far)", i, len(runs), what, result["eval/top1"],
-                 time.time() - t0, (time.time() - start) / 60)
+    study.check_runs(runs)
+    study.run_runs(runs, workdir, lambda r: f"{r['task']} {r['label']} {r['method'] or ''} seed {r['seed']}")
 
 
 def _teacher_top1(run_dir: str) -> dict:

@@ -20,7 +20,8 @@ workdir under WORKDIR: `teacher_<model>/`, `<method>/seed<N>/`, `ablation/<varia
 on the method (or variant) and the seed, so presets run in one WORKDIR share the teacher and their common runs
 (`ablation` after `main` trains only the variants). The study resumes where it stopped: finished runs are skipped and
 an interrupted one resumes from its checkpoint; a run whose config.json disagrees with the plan (another protocol in
-the same WORKDIR) is an error. At the end (and with `--report_only`) it writes, for the preset's runs, with the suffix
+the same WORKDIR) is an error. Several processes may share WORKDIR (the same command started once per core): each
+claims a run before training it (`run_runs`, WORKDIR/.claims). At the end (and with `--report_only`) it writes, for the preset's runs, with the suffix
 "" for `main` and `_<preset>` for the others (so presets in one WORKDIR do not overwrite each other's tables):
 
 * `results<suffix>.json`: every run's final-epoch and best-epoch test top-1 and its per-epoch curve;
@@ -265,24 +266,115 @@ def _total_epochs(cfg) -> int:
 
 
 def run_all(config, workdir: str) -> None:
-    from wcord_jax import distill, train
-
     runs = plan(config, workdir)
+    check_runs(runs)
+    run_runs(runs, workdir, lambda run: f"{run['label']} seed {run['seed']}")
+
+
+def check_runs(runs: list) -> None:
+    """Refuses a plan whose runs disagree with what their workdirs hold (another protocol in the same WORKDIR)."""
+    from wcord_jax import train
+
     for run in runs:
         reason = stale_reason(run)
         if reason:
             raise train.ConfigError(f"{reason}: use another --workdir")
-    start = time.time()
-    for i, run in enumerate(runs, 1):
-        cfg = run["config"]
-        if len(read_curve(run["workdir"])) >= _total_epochs(cfg):
-            log.info("[%d/%d] %s seed %d: done already", i, len(runs), run["label"], run["seed"])
+
+
+def run_done(run: dict) -> bool:
+    return len(read_curve(run["workdir"])) >= _total_epochs(run["config"])
+
+
+def train_run(run: dict) -> dict:
+    from wcord_jax import distill, train
+
+    fn = train.train_and_evaluate if run["group"] == "teacher" else distill.distill_and_evaluate
+    return fn(run["config"], run["workdir"])
+
+
+CLAIMS = ".claims"
+
+
+def claim_run(root: str, run_dir: str) -> Optional[str]:
+    """Claims `run_dir` for this process: creates ROOT/.claims/<run_dir>, holding 'HOST PID', only if it does not
+    exist. Returns its path, or None where another live process holds the run. A claim of a process that is gone
+    (one of this host) is taken over; one of another host is kept (remove ROOT/.claims if that host is gone)."""
+    import socket
+
+    claims = os.path.join(root, CLAIMS)
+    os.makedirs(claims, exist_ok=True)
+    path = os.path.join(claims, os.path.relpath(os.path.abspath(run_dir), os.path.abspath(root)).replace(os.sep, "__"))
+    me = f"{socket.gethostname()} {os.getpid()}"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    host, pid = f.read().split()
+            except (OSError, ValueError):  # released meanwhile, or being written: try once more
+                continue
+            if host != socket.gethostname() or _alive(int(pid)):
+                return None
+            log.info("taking over the claim of process %s (gone) on %s", pid, run_dir)
+            try:
+                os.remove(path)
+            except FileNotFoundError:
+                pass
             continue
-        t0 = time.time()
-        fn = train.train_and_evaluate if run["group"] == "teacher" else distill.distill_and_evaluate
-        result = fn(cfg, run["workdir"])
-        log.info("[%d/%d] %s seed %d: test top-1 %.4f (%.0f s; %.0f min so far)", i, len(runs), run["label"],
-                 run["seed"], result["eval/top1"], time.time() - t0, (time.time() - start) / 60)
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(me)
+        return path
+    return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def run_runs(runs: list, root: str, describe, train=train_run, done=run_done, poll_s: float = 30.0) -> None:
+    """Trains the unfinished `runs` in order; several processes may share ROOT, each claiming a run before it trains
+    it (`claim_run`), so that the same command started twice (e.g. one per core with `taskset`) shares the work.
+    Students (every group but 'teacher') start once every teacher run is finished. Returns when every run is."""
+    start, n, waited = time.time(), len(runs), 0.0
+    pending = list(enumerate(runs, 1))
+    while pending:
+        teachers_done = all(done(r) for r in runs if r["group"] == "teacher")
+        blocked = []
+        for i, run in pending:
+            if done(run):
+                log.info("[%d/%d] %s: done", i, n, describe(run))
+                continue
+            claim = None
+            if run["group"] == "teacher" or teachers_done:
+                claim = claim_run(root, run["workdir"])
+            if claim is None:
+                blocked.append((i, run))
+                continue
+            try:
+                t0 = time.time()
+                result = train(run)
+                log.info("[%d/%d] %s: test top-1 %.4f (%.0f s; %.0f min so far)", i, n, describe(run),
+                         result["eval/top1"], time.time() - t0, (time.time() - start) / 60)
+            finally:
+                os.remove(claim)
+            break  # from the top: the teachers may be done now, runs claimed by others may be finished
+        else:
+            pending = blocked
+            if pending:
+                if time.time() - waited > 600:
+                    log.info("waiting for %d run(s) that other processes are training (%s)", len(pending),
+                             os.path.join(root, CLAIMS))
+                    waited = time.time()
+                time.sleep(poll_s)
+            continue
+        pending = [(i, r) for i, r in pending if not done(r)]
 
 
 def collect(config, workdir: str) -> dict:
