@@ -99,6 +99,8 @@ def test_presets_from_the_command_line_forms():
     colon = study.study_config("ablation")
     flag = study.resolve_config(study.study_config("main"), {"preset": "ablation", "seeds": (0,)})
     assert flag.methods == colon.methods and flag.ablation and flag.seeds == (0,) and flag.preset == "ablation"
+    # --config.methods=none,kd reaches the overrides as the one string of a 1-tuple
+    assert study.resolve_config(study.study_config("main"), {"methods": ("none, kd",)}).methods == ("none", "kd")
     with pytest.raises(ValueError, match="valid: main, ablation, baselines, quick"):
         study.study_config("nope")
     bad = study.study_config("main")

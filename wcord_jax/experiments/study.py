@@ -114,6 +114,8 @@ def resolve_config(config, overrides: dict) -> ml_collections.ConfigDict:
     preset = overrides.get("preset", config.preset)
     fresh = study_config(preset)
     fresh.update_from_flattened_dict({k: v for k, v in overrides.items() if k != "preset"})
+    # --config.methods=none,kd arrives as the one string 'none,kd' (not a Python literal)
+    fresh.methods = tuple(p.strip() for m in fresh.methods for p in str(m).split(",") if p.strip())
     return fresh
 
 
