@@ -21,8 +21,9 @@ on the method (or variant) and the seed, so presets run in one WORKDIR share the
 (`ablation` after `main` trains only the variants). The study resumes where it stopped: finished runs are skipped and
 an interrupted one resumes from its checkpoint; a run whose config.json disagrees with the plan (another protocol in
 the same WORKDIR) is an error. Several processes may share WORKDIR (the same command started once per core): each
-claims a run before training it (`run_runs`, WORKDIR/.claims). At the end (and with `--report_only`) it writes, for the preset's runs, with the suffix
-"" for `main` and `_<preset>` for the others (so presets in one WORKDIR do not overwrite each other's tables):
+claims a run before training it (`run_runs`, WORKDIR/.claims). At the end (and with `--report_only`) it writes, for
+the preset's runs, with the suffix "" for `main` and `_<preset>` for the others (so presets in one WORKDIR do not
+overwrite each other's tables):
 
 * `results<suffix>.json`: every run's final-epoch and best-epoch test top-1 and its per-epoch curve;
 * `results<suffix>.md`: mean ± sample std over seeds of final and best top-1 per method, the difference from the
