@@ -351,3 +351,40 @@ def test_a_quick_study_of_two_methods_runs_and_leaves_no_claims(tmp_path):
     mtimes = [os.path.getmtime(os.path.join(r["workdir"], "metrics.jsonl")) for r in runs]
     study.run_all(config, str(tmp_path))  # resumed: nothing left to train
     assert [os.path.getmtime(os.path.join(r["workdir"], "metrics.jsonl")) for r in runs] == mtimes
+
+
+def _add_heads(workdir, pos, student, teacher, per_teacher=None):
+    """Appends a training event with the heads' health keys (and per-teacher ones) to a fake run."""
+    event = {"step": 10_000, "epoch": 99, "train/emb_pos_cos": pos, "train/emb_student_cos": student,
+             "train/emb_teacher_cos": teacher}
+    for i, (s, t) in enumerate(per_teacher or ()):
+        event.update({f"train/emb_student_cos_t{i}": s, f"train/emb_teacher_cos_t{i}": t})
+    with open(os.path.join(workdir, "metrics.jsonl"), "a") as f:
+        f.write(json.dumps(event) + "\n")
+
+
+def test_beyond_report_tells_collapsed_heads_from_learning_ones(tmp_path):
+    """The report's heads table: the last window's cosines averaged over seeds, the worst off-diagonal cosine of any
+    seed or ensemble member, and "collapsed" from 0.9 on; runs without heads (KD) have no row."""
+    from wcord_jax.experiments import beyond
+
+    rng = np.random.default_rng(0)
+    config = _fake_beyond(None, tmp_path, (0, 1), rng)
+    base = tmp_path / "beyond"
+    label = config.privileged_views[0]
+    for seed, (pos, s, t) in enumerate([(0.8, 0.1, 0.2), (0.6, 0.3, 0.4)]):
+        _add_heads(base / "privileged" / beyond._slug(label) / "wcord" / f"seed{seed}", pos, s, t)
+        _add_heads(base / "privileged" / beyond._slug(label) / "crd" / f"seed{seed}", 0.99, 0.97, 0.5)
+    # an ensemble whose mean off-diagonal cosine looks fine while one teacher's student head has collapsed
+    size = str(max(config.ensemble_sizes))
+    _add_heads(base / "ensemble" / f"m{size}" / "wcord" / "seed0", 0.9, 0.5, 0.1,
+               per_teacher=[(0.05, 0.1)] * (int(size) - 1) + [(0.95, 0.1)])
+    beyond.write_report(config, str(tmp_path))
+    md = (tmp_path / "results_beyond.md").read_text()
+    rows = {tuple(c.strip() for c in line.split("|")[1:4]): [c.strip() for c in line.split("|")[4:-1]]
+            for line in md.split("## The contrastive heads")[1].splitlines() if line.startswith("| ")}
+    assert rows[("privileged", label, "wcord")] == ["2", "0.70", "0.20", "0.30", "0.40", "not collapsed"]
+    assert rows[("privileged", label, "crd")] == ["2", "0.99", "0.97", "0.50", "0.97", "collapsed"]
+    assert rows[("ensemble", size, "wcord")] == ["1", "0.90", "0.50", "0.10", "0.95", "collapsed"]
+    assert not any(key[2] in ("none", "kd") for key in rows if key[0] != "task")
+    assert len(rows) == 4  # the header and the three cells with heads

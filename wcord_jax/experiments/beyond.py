@@ -17,7 +17,8 @@ WCoRD (the library's defaults):
 Every run is an ordinary run of the library in its own workdir; run in the study's WORKDIR, the study's teacher and
 its student-alone runs (`none/seed<N>`) are shared. The experiment resumes where it stopped, and several processes
 may share its WORKDIR (`study.run_runs`). At the end (and with `--report_only`) it writes `results_beyond.md` /
-`.json` and `beyond.png` (one panel per task).
+`.json` and `beyond.png` (one panel per task); the tables end with the contrastive heads' health at the end of
+training (positive and off-diagonal cosines, "collapsed" from 0.9 on).
 
 An experiment too long for one machine's session can be finished in parts: `--config.seeds=1,2` runs some seeds
 only, and `--config.earlier_results=A.json,B.json` adds the runs recorded in earlier `results_beyond.json` files
@@ -40,6 +41,8 @@ log = logging.getLogger("wcord_jax")
 TASKS = ("privileged", "crossmodal", "ensemble", "tasks")
 METHODS = ("none", "kd", "crd", "wcord")
 COLORS = {"none": "tab:gray", "kd": "tab:green", "crd": "tab:blue", "wcord": "tab:red"}
+HEALTH = ("emb_pos_cos", "emb_student_cos", "emb_teacher_cos")
+COLLAPSED = 0.9  # an off-diagonal cosine at or above this: every example maps to nearly one direction
 
 
 def beyond_config(preset: str = "main") -> ml_collections.ConfigDict:
@@ -159,17 +162,20 @@ def run_all(config, workdir: str) -> None:
     study.run_runs(runs, workdir, lambda r: f"{r['task']} {r['label']} {r['method'] or ''} seed {r['seed']}")
 
 
-def _teacher_top1(run_dir: str) -> dict:
-    """The step-0 teacher metrics a student run logged (`teacher/top1`, `teacher_<i>/top1`)."""
+def _teacher_and_heads(run_dir: str) -> tuple[dict, dict]:
+    """The step-0 teacher metrics a student run logged (`teacher/top1`, `teacher_<i>/top1`), and the heads' health
+    of its last logged training window (`emb_pos_cos`, `emb_student_cos`, `emb_teacher_cos`, averaged over the
+    teachers, and with an ensemble each teacher's `..._t<i>`; empty for a method without contrastive heads)."""
     from wcord_jax import metrics
 
-    out = {}
+    teacher, heads = {}, {}
     if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         for event in metrics.read_metrics(run_dir):
-            out.update({k: float(v) for k, v in event.items() if k.startswith("teacher") and k.endswith("/top1")})
-            if out:
-                break
-    return out
+            if not teacher:
+                teacher = {k: float(v) for k, v in event.items() if k.startswith("teacher") and k.endswith("/top1")}
+            if "train/emb_pos_cos" in event:
+                heads = {k[len("train/"):]: float(v) for k, v in event.items() if k.startswith("train/emb_")}
+    return teacher, heads
 
 
 def collect(config, workdir: str) -> dict:
@@ -186,7 +192,8 @@ def collect(config, workdir: str) -> dict:
         if run["group"] == "teacher":
             out["teachers"][run["label"]] = curve[-1]
             continue
-        entry = {"seed": run["seed"], "final": curve[-1], "best": max(curve), "teacher": _teacher_top1(run["workdir"]),
+        teacher, heads = _teacher_and_heads(run["workdir"])
+        entry = {"seed": run["seed"], "final": curve[-1], "best": max(curve), "teacher": teacher, "heads": heads,
                  "source": "", "cpu": cpu}
         out["cells"].setdefault(run["task"], {}).setdefault(run["label"], {}).setdefault(run["method"], []).append(
             entry)
@@ -298,12 +305,41 @@ def write_report(config, workdir: str) -> dict:
         lines += [f"## A teacher of another task (teacher on {label}; student on all classes)", ""]
         lines += _table(rows, [label], {label: alone})
         lines.append("")
+    lines += _health_table(cells)
     with open(os.path.join(workdir, "results_beyond.json"), "w", encoding="utf-8") as f:
         json.dump({"config": json.loads(config.to_json_best_effort()), **results}, f, indent=1)
     with open(os.path.join(workdir, "results_beyond.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     _plot(config, results, alone, os.path.join(workdir, "beyond.png"))
     return results
+
+
+def _health_table(cells: dict) -> list[str]:
+    """The contrastive heads at the end of training, per cell: mean over the seeds that recorded them of the positive
+    pairs' cosine and the off-diagonal (different examples') cosines; "collapsed" where an off-diagonal cosine of
+    any seed (and, with an ensemble, of any teacher's head pair) reaches COLLAPSED."""
+    rows = []
+    for task in TASKS:
+        for label, methods in cells.get(task, {}).items():
+            for method, entries in methods.items():
+                heads = [e["heads"] for e in entries if e.get("heads")]
+                if not heads:
+                    continue
+                mean = {k: float(np.mean([h[k] for h in heads])) for k in HEALTH}
+                worst = max(v for h in heads for k, v in h.items() if not k.startswith("emb_pos_cos"))
+                verdict = "collapsed" if worst >= COLLAPSED else "not collapsed"
+                rows.append(f"| {task} | {label} | {method} | {len(heads)} | {mean['emb_pos_cos']:.2f} | "
+                            f"{mean['emb_student_cos']:.2f} | {mean['emb_teacher_cos']:.2f} | {worst:.2f} | "
+                            f"{verdict} |")
+    if not rows:
+        return []
+    return ["## The contrastive heads at the end of training", "",
+            "The last logged training window of each run, mean over seeds: the positive pairs' cosine and the mean "
+            "cosine between different examples' embeddings (off-diagonal; near 1: the heads have collapsed and the "
+            f"term teaches nothing); worst: the largest off-diagonal cosine of any seed and teacher; collapsed "
+            f"where it reaches {COLLAPSED}.", "",
+            "| task | column | method | seeds | positive cos | student off-diag | teacher off-diag | worst | heads |",
+            "|---|---|---|---|---|---|---|---|---|", *rows, ""]
 
 
 def _ensemble_teacher_top1(cells: dict) -> dict:
