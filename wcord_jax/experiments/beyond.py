@@ -382,7 +382,7 @@ def _plot(config, results: dict, alone: list, path: str) -> None:
             ax.set_xticks([int(s) for s in sizes])
             ax.set_xlabel("number of teachers")
             ax.set_title(f"ensembles of {config.ensemble_teacher}", fontsize=10)
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=3)  # below: no line hidden
         else:
             labels = list(cells[task])
             methods = [m for m in config.methods if any(cells[task][lab].get(m) for lab in labels)
