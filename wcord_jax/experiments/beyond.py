@@ -162,19 +162,16 @@ def run_all(config, workdir: str) -> None:
     study.run_runs(runs, workdir, lambda r: f"{r['task']} {r['label']} {r['method'] or ''} seed {r['seed']}")
 
 
-def _teacher_and_heads(run_dir: str) -> tuple[dict, dict]:
+def _teacher_and_heads(events: list[dict]) -> tuple[dict, dict]:
     """The step-0 teacher metrics a student run logged (`teacher/top1`, `teacher_<i>/top1`), and the heads' health
     of its last logged training window (`emb_pos_cos`, `emb_student_cos`, `emb_teacher_cos`, averaged over the
     teachers, and with an ensemble each teacher's `..._t<i>`; empty for a method without contrastive heads)."""
-    from wcord_jax import metrics
-
     teacher, heads = {}, {}
-    if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        for event in metrics.read_metrics(run_dir):
-            if not teacher:
-                teacher = {k: float(v) for k, v in event.items() if k.startswith("teacher") and k.endswith("/top1")}
-            if "train/emb_pos_cos" in event:
-                heads = {k[len("train/"):]: float(v) for k, v in event.items() if k.startswith("train/emb_")}
+    for event in events:
+        if not teacher:
+            teacher = {k: float(v) for k, v in event.items() if k.startswith("teacher") and k.endswith("/top1")}
+        if "train/emb_pos_cos" in event:
+            heads = {k[len("train/"):]: float(v) for k, v in event.items() if k.startswith("train/emb_")}
     return teacher, heads
 
 
@@ -186,13 +183,14 @@ def collect(config, workdir: str) -> dict:
     cpu = host.cpu_model()
     out = {"teachers": {}, "cells": {}, "cpu": cpu, "earlier": {}}
     for run in plan(config, workdir):
-        curve = study.read_curve(run["workdir"])
+        events = study.read_events(run["workdir"])
+        curve = study.curve_from_events(events)
         if len(curve) < study._total_epochs(run["config"]):  # noqa: SLF001
             continue
         if run["group"] == "teacher":
             out["teachers"][run["label"]] = curve[-1]
             continue
-        teacher, heads = _teacher_and_heads(run["workdir"])
+        teacher, heads = _teacher_and_heads(events)
         entry = {"seed": run["seed"], "final": curve[-1], "best": max(curve), "teacher": teacher, "heads": heads,
                  "source": "", "cpu": cpu}
         out["cells"].setdefault(run["task"], {}).setdefault(run["label"], {}).setdefault(run["method"], []).append(

@@ -249,18 +249,27 @@ def stale_reason(run: dict) -> Optional[str]:
     return None
 
 
-def read_curve(run_dir: str) -> list[float]:
-    """Test top-1 after each epoch of a run (the last value logged for each epoch)."""
+def read_events(run_dir: str) -> list[dict]:
+    """The events of a run's metrics.jsonl, oldest first; none before the run has logged."""
     from wcord_jax import metrics
 
-    path = os.path.join(run_dir, "metrics.jsonl")
-    if not os.path.exists(path):
+    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
         return []
+    return metrics.read_metrics(run_dir)
+
+
+def curve_from_events(events: list[dict]) -> list[float]:
+    """Test top-1 after each epoch (the last value logged for each epoch)."""
     by_epoch = {}
-    for event in metrics.read_metrics(run_dir):
+    for event in events:
         if "eval/top1" in event:
             by_epoch[int(event["epoch"])] = float(event["eval/top1"])
     return [by_epoch[e] for e in sorted(by_epoch)]
+
+
+def read_curve(run_dir: str) -> list[float]:
+    """Test top-1 after each epoch of a run (the last value logged for each epoch)."""
+    return curve_from_events(read_events(run_dir))
 
 
 def _total_epochs(cfg) -> int:
