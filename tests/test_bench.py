@@ -101,3 +101,69 @@ def test_accelerator_table_runs_its_smallest_setting_on_the_cpu(tmp_path):
     assert f"{minutes:,.1f} min" in lines[1] and "| wcord | wrn_40_2 -> wrn_16_2 | float32 | 64 | 1 |" in lines[1]
     skipped = bench_table.table(records[:1], rows[1:2])
     assert skipped.splitlines()[-1].endswith("| skipped (time budget) | | | | |")
+
+
+def test_step_profile_groups_xla_ops_by_their_call_path(tmp_path):
+    """benchmarks/step_profile.py's grouping on an HLO dump and a trace written by hand in XLA:CPU's formats: the
+    teacher (no `jvp`), the student's forward and backward, an unnamed weight-gradient convolution, a collective with
+    its nested rendezvous counted once, and the wall-time remainder."""
+    import gzip
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("step_profile", os.path.join(ROOT, "benchmarks", "step_profile.py"))
+    sp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(sp)
+    name = 'metadata={op_name="jit(per_device)/shard_map/%s"}'
+    hlo_text = "\n".join([
+        "%fused_computation.1 (p0: f32[32,8,8,256]) -> f32[32,8,8,256] {",
+        "  %c = f32[32,8,8,256]{3,2,1,0} convolution(%p0, %p1), window={size=3x3 pad=1_1x1_1}",
+        "}",
+        "%fused_computation.2 (p0: f32[64,32,32,32]) -> f32[64,3,3,64] {",
+        "  %c = f32[64,3,3,64]{3,2,1,0} convolution(%p0, %p1), window={size=32x32}",
+        "}",
+        "ENTRY %main {",
+        "  %ynn_fusion.1 = f32[32,8,8,256]{3,2,1,0} fusion(%a), kind=kCustom, calls=%fused_computation.1, "
+        + name % "ResNet/layer3_0/conv1/conv_general_dilated",
+        "  %ynn_fusion.3 = f32[32,8,8,256]{3,2,1,0} fusion(%a), kind=kCustom, calls=%fused_computation.1, "
+        + name % "jvp(ResNet)/layer3_0/conv1/conv_general_dilated",
+        "  %ynn_fusion.4 = f32[32,8,8,256]{3,2,1,0} fusion(%a), kind=kCustom, calls=%fused_computation.1, "
+        + name % "transpose(jvp(ResNet))/layer3_0/conv1/conv_general_dilated",
+        "  %ynn_fusion.2 = f32[64,3,3,64]{3,2,1,0} fusion(%a), kind=kCustom, calls=%fused_computation.2",
+        "  %add_maximum_fusion.7 = f32[32,8,8,256]{3,2,1,0} fusion(%a), kind=kLoop, calls=%f, "
+        + name % "jvp(ResNet)/layer3_0/jit(relu)/max",
+        "  %while.9 = (s32[], f32[2]) while(%t), condition=%c, body=%b, " + name % "jvp(vmap())/while",
+        "  %all-reduce.2 = (f32[2,64]{1,0}) all-reduce(%x), " + name % "jvp(ResNet)/bn1/psum_invariant",
+        "}"])
+    hlo = sp.parse_hlo(hlo_text)
+    assert hlo["ynn_fusion.1"] == ("f32[32,8,8,256]{3,2,1,0}", "jit(per_device)/shard_map/ResNet/layer3_0/conv1/"
+                                   "conv_general_dilated", True)
+    assert hlo["add_maximum_fusion.7"][2] is False
+    groups = {n: sp.group_of(n, *hlo[n]) for n in hlo if n[0] != "c"}
+    assert groups == {"ynn_fusion.1": "teacher forward: convolutions",
+                      "ynn_fusion.3": "student forward: convolutions",
+                      "ynn_fusion.4": "student backward: input-gradient convolutions",
+                      "ynn_fusion.2": "student backward: weight gradients",
+                      "add_maximum_fusion.7": "student forward: other ops",
+                      "while.9": "the loss, the negatives and other ops",
+                      "all-reduce.2": "cross-device sums (incl. waiting)"}
+
+    def ev(n, ts, dur, tid=1):
+        return {"ph": "X", "pid": 1, "tid": tid, "name": n, "ts": ts, "dur": dur}
+
+    # One step on 2 devices (threads 1 and 2), microseconds; the rendezvous and the while's body op are nested.
+    events = [ev("ThunkExecutor::Execute", 0, 10_000), ev("ynn_fusion.1", 0, 4000), ev("ynn_fusion.2", 4000, 2000),
+              ev("all-reduce.2", 6000, 1000), ev("Rendezvous", 6100, 800), ev("while.9", 7000, 1000),
+              ev("compare_fusion.5", 7100, 500), ev("ynn_fusion.1", 0, 6000, tid=2), ev("all-reduce.2", 6000, 3000, 2)]
+    hlo["compare_fusion.5"] = ("s32[32]", "", False)
+    trace = os.path.join(tmp_path, "t.trace.json.gz")
+    with gzip.open(trace, "wt") as f:
+        json.dump({"traceEvents": events}, f)
+    table = sp.profile_table(trace, hlo, steps=1, devices=2, wall_ms=10.0)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1] for line in table.splitlines() if line.startswith("| ")}
+    # per device: teacher (4 + 6) / 2 = 5 ms, weight gradients 2 / 2, collectives (1 + 3) / 2, while 1 / 2
+    assert rows["teacher forward: convolutions"] == "5.0"
+    assert rows["student backward: weight gradients"] == "1.0"
+    assert rows["cross-device sums (incl. waiting)"] == "2.0"
+    assert rows["the loss, the negatives and other ops"] == "0.5"
+    assert rows["all traced ops"] == "8.5"
+    assert rows["per device, not in a traced op (idle, or a kernel without a trace event)"] == "1.5"
