@@ -157,6 +157,7 @@ def main(argv: list[str]) -> int:
     if not dumps or not traces:
         print(f"error: no optimised HLO or no trace was written under {tmp}", file=sys.stderr)
         return 1
+    print(f"the HLO dump and the trace are in {tmp}", file=sys.stderr)
     with open(dumps[-1], encoding="utf-8") as f:
         hlo = parse_hlo(f.read())
     devices = len(jax.devices())
