@@ -148,3 +148,18 @@ def test_resume_mid_epoch_gives_the_same_weights(tmp_path):
     assert checkpoint.load_meta(resumed)["epoch"] == 2
     for a, b in zip(_weights(straight), _weights(resumed)):
         np.testing.assert_array_equal(a, b)
+
+
+def test_a_checkpoint_is_written_once_the_minutes_since_the_last_have_passed(tmp_path, monkeypatch, caplog):
+    """checkpoint_every_minutes: inside an epoch, a checkpoint once that much time has passed since the run's start
+    or its last checkpoint (an epoch end's included). The clock here moves 0.3 min at each reading: one at the start,
+    one per dispatch, one per checkpoint."""
+    minutes = iter(range(1000))
+    monkeypatch.setattr(train._CheckpointClock, "now", staticmethod(lambda: 18.0 * next(minutes)))
+    workdir = str(tmp_path / "run")
+    with caplog.at_level("INFO", logger="wcord_jax"):
+        train.train_and_evaluate(tiny_config(checkpoint_every_minutes=1, keep_checkpoints=10), workdir)
+    # 0.3, 0.6, 0.9, 1.2 min after the start: step 4; from there 0.3 (step 5), then the epoch ends at step 6 and
+    # its checkpoint restarts the clock; epoch 2 likewise: step 10.
+    assert sorted(int(n) for n in os.listdir(os.path.join(workdir, "checkpoints", "last"))) == [4, 6, 10, 12]
+    assert "checkpoint at step 4 (epoch 1, step 4 of 6; one per 1 min of training)" in caplog.text

@@ -226,11 +226,14 @@ class _Variant:
     def run(self, pool, n: int, offset: int = 0) -> float:
         """Runs n dispatches (cycling through the pool); returns the wall time to the last result."""
         import jax
+        from wcord_jax import parallel
 
         jax.block_until_ready(self.state)
         start, cpu_start = time.perf_counter(), time.process_time()
+        ahead = parallel.DispatchWindow()  # as a training run: a few dispatches ahead of the devices
         for i in range(n):
             self.state, self.metrics = self.compiled(self.state, *self.extra, *pool[(offset + i) % len(pool)])
+            ahead.add(self.metrics)
         jax.block_until_ready((self.state, self.metrics))
         wall = time.perf_counter() - start
         self.last_cpu_s = time.process_time() - cpu_start

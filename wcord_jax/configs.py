@@ -52,6 +52,9 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.dtype = "float32"  # activation dtype: float32 or bfloat16 (parameters stay float32)
     c.steps_per_dispatch = 1  # train steps run per host call (lax.scan) for in-memory data sets
     c.checkpoint_every_steps = 0  # extra checkpoints inside an epoch (0: only at epoch ends)
+    # ... and one whenever this many minutes have passed since the last checkpoint (0: none), so that a crash inside
+    # a long epoch loses at most that much training; the rerun resumes from it.
+    c.checkpoint_every_minutes = 10.0
     c.keep_checkpoints = 3
     # A step whose loss, a logged term or new weights are not finite: stop (end the run, nothing saved from that
     # state) or skip (drop its update; nonfinite_skip_limit such steps in a row end the run).

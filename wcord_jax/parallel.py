@@ -9,6 +9,7 @@ many.
 """
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Mapping, Optional
 
@@ -93,11 +94,48 @@ def sync(name: str) -> None:
 
 def any_process(flag: bool) -> bool:
     """Whether `flag` is set in any process (a small all-gather with several processes; `flag` itself with one)."""
+    return any_process_each([flag])[0]
+
+
+def any_process_each(flags) -> list:
+    """For each of `flags`, whether it is set in any process: one small all-gather for all of them with several
+    processes, the flags themselves with one."""
     if jax.process_count() == 1:
-        return bool(flag)
+        return [bool(f) for f in flags]
     from jax.experimental import multihost_utils
 
-    return bool(np.asarray(multihost_utils.process_allgather(np.int32(bool(flag)))).any())
+    bits = np.asarray([bool(f) for f in flags], np.int32)
+    return [bool(b) for b in np.asarray(multihost_utils.process_allgather(bits)).reshape(-1, len(bits)).any(axis=0)]
+
+
+# How many dispatches a loop may have queued ahead of the devices. XLA:CPU admits at most 32 computations in flight per
+# device, and with several devices it waits for that admission on the small thread pool (one thread per core) that
+# also runs the devices' programs: a host more than 32 dispatches ahead can occupy the thread that one device's
+# program needs while the other device waits for it at the step's all-reduce, and after 40 s XLA aborts the process
+# ("Termination timeout for all reduce", exit status 134). A host a few dispatches ahead keeps every device busy on any
+# backend (docs/multi-device.md).
+MAX_DISPATCHES_AHEAD = 4
+
+
+class DispatchWindow:
+    """Keeps a loop at most `limit` (default MAX_DISPATCHES_AHEAD) dispatches ahead of the devices: `add(outputs)`
+    after each dispatch waits for the outputs of the dispatch `limit` back. Give it outputs that are not donated to a
+    later dispatch (the metrics, not the state)."""
+
+    def __init__(self, limit: Optional[int] = None):
+        limit = MAX_DISPATCHES_AHEAD if limit is None else limit
+        if limit < 1:
+            raise ValueError(f"a dispatch window needs a limit of at least 1, got {limit}")
+        self.limit = limit
+        self._pending: collections.deque = collections.deque()
+
+    def add(self, outputs: Any) -> None:
+        self._pending.append(outputs)
+        while len(self._pending) > self.limit:
+            jax.block_until_ready(self._pending.popleft())
+
+    def __len__(self) -> int:
+        return len(self._pending)
 
 
 def make_mesh(num_devices: Optional[int] = None) -> Mesh:

@@ -372,6 +372,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
             writer.write(0, first)
     result = {}
     watch = _FiniteWatch(config, steps_per_epoch, ckpt)
+    clock = _CheckpointClock(config)
     multi_process = jax.process_count() > 1
     with _StopRequest() as stop:
         try:
@@ -380,7 +381,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                 epoch = step // steps_per_epoch
                 runner = runner_for_epoch(epoch) if runner_for_epoch is not None else run_steps
                 state, step = _train_epoch(config, feed, state, step, epoch, num_epochs, runner, schedule, writer,
-                                           ckpt, stop, best_top1, watch)
+                                           ckpt, stop, best_top1, watch, clock)
                 result = evaluate(state)
                 writer.write(step, {"epoch": epoch + 1, **result})
                 is_best = result["eval/top1"] > best_top1
@@ -390,6 +391,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                              result["eval/top1"], result["eval/top5"], result["eval/loss"])
                 with stop.saving():
                     ckpt.save(step, state, _meta(config, epoch + 1, result, best_top1, feed), best=is_best)
+                    clock.saved()
                     if multi_process:
                         stop.requested = parallel.any_process(stop.requested)
                     if stop.requested and step < total_steps:
@@ -418,10 +420,32 @@ def _meta(config, epoch: int, result: dict, best_top1: float, feed=None) -> dict
     return meta
 
 
+class _CheckpointClock:
+    """When a checkpoint inside an epoch is due: every `checkpoint_every_steps` steps, and once
+    `checkpoint_every_minutes` of the run have passed since its last checkpoint (or its start), so that a crash of a
+    long epoch loses at most that much work."""
+
+    now = staticmethod(time.monotonic)  # seconds
+
+    def __init__(self, config):
+        self.every_steps = int(config.get("checkpoint_every_steps", 0) or 0)
+        self.every_minutes = float(config.get("checkpoint_every_minutes", 0) or 0)
+        self.last = self.now()
+
+    def saved(self) -> None:
+        self.last = self.now()
+
+    def time_due(self) -> bool:
+        return self.every_minutes > 0 and self.now() - self.last >= 60 * self.every_minutes
+
+    def steps_due(self, step: int) -> bool:
+        return self.every_steps > 0 and step % self.every_steps == 0
+
+
 def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedule, writer, ckpt, stop, best_top1,
-                 watch):
-    """Runs the rest of one epoch from `step`; logs, checkpoints on request, and returns (state, step). The steps'
-    finiteness flags are read (`watch`) with every log line and before every checkpoint."""
+                 watch, clock):
+    """Runs the rest of one epoch from `step`; logs, checkpoints when `clock` or a stop request says so, and returns
+    (state, step). The steps' finiteness flags are read (`watch`) with every log line and before every checkpoint."""
     steps_per_epoch = feed.steps_per_epoch
     start = step - epoch * steps_per_epoch
     progress = metrics_lib.Progress(steps_per_epoch, epoch, num_epochs, initial=start,
@@ -429,9 +453,11 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
                                     use_bar=None if config.progress_bar else False)
     window, window_start, window_steps, checked = [], time.perf_counter(), 0, 0
     multi_process = jax.process_count() > 1
+    ahead = parallel.DispatchWindow()
     try:
         for n, args in feed.dispatches(state.rng, epoch, start):
             state, metrics = run_steps(state, *args)
+            ahead.add(metrics)
             window.append((step, metrics))
             window_steps += n
             prev, step = step, step + n
@@ -448,14 +474,18 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
                                         "img/s": values["img_per_s"]})
                 progress.update(0, {"loss": values["loss"], "img/s": values["img_per_s"]})
                 window, window_start, window_steps, checked = [], time.perf_counter(), 0, 0
-            if multi_process:  # every process stops after the same dispatch, whichever of them got the signal
-                stop.requested = parallel.any_process(stop.requested)
-            every_ckpt = config.checkpoint_every_steps
-            if pos < steps_per_epoch and (stop.requested or (every_ckpt and step % every_ckpt == 0)):
+            timed = clock.time_due()
+            if multi_process:  # every process stops (and saves) after the same dispatch, whichever of them asked
+                stop.requested, timed = parallel.any_process_each([stop.requested, timed])
+            if pos < steps_per_epoch and (stop.requested or timed or clock.steps_due(step)):
                 window[checked:] = list(zip([f for f, _ in window[checked:]], watch.check(window[checked:])))
                 checked = len(window)
                 with stop.saving():
                     ckpt.save(step, state, _meta(config, epoch, {}, best_top1, feed))
+                    clock.saved()
+                    if timed and not stop.requested and jax.process_index() == 0:
+                        log.info("checkpoint at step %d (epoch %d, step %d of %d; one per %g min of training)",
+                                 step, epoch + 1, pos, steps_per_epoch, clock.every_minutes)
                     if stop.requested:
                         ckpt.wait()
                 if stop.requested:
