@@ -1,17 +1,19 @@
-"""Test setup: four virtual CPU devices, so multi-device code is exercised without accelerators.
+"""Test setup: four virtual CPU devices in the test processes, so multi-device code is exercised without
+accelerators; the command-line runs the tests start get the CPU devices a user gets (`wcord_jax.host`'s defaults).
 
-This must run before JAX initialises its backends, hence the environment variable at import time.
+The device count is JAX's own setting (`jax_num_cpu_devices`), set before JAX initialises its backends: unlike
+`XLA_FLAGS` it is not inherited by the subprocesses (a test that wants a count for one sets `XLA_FLAGS` itself).
 """
 import atexit
 import os
 import shutil
 import tempfile
 
+import jax
 import pytest
 
-_flag = "--xla_force_host_platform_device_count=4"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+NUM_TEST_DEVICES = 4
+jax.config.update("jax_num_cpu_devices", NUM_TEST_DEVICES)
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # One compilation cache for the test session and the command-line runs it starts (they inherit the environment):
 # the tests compile many of the same small programs (a run and its resume, one config reached by several paths). It
@@ -131,3 +133,34 @@ def small_teachers(tmp_path_factory):
         dirs = train_small_teachers(root)
         (root / "done").write_text("")
         return dirs
+
+
+@pytest.fixture(scope="session")
+def shared_first_steps(tmp_path_factory):
+    """`first_steps(config, states=True)` taken once per test run and `key`: the tests that need the same method's
+    first steps (its record, its two-device command-line run) share them, across the parallel workers too (a file
+    per key in their common temporary directory, written under a lock by the first to need it)."""
+    import fcntl
+    import pickle
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "first_steps"
+    else:
+        root = tmp_path_factory.getbasetemp() / "first_steps"
+    root.mkdir(exist_ok=True)
+
+    def get(key: str, config):
+        path = root / (key.replace(":", "_") + ".pkl")
+        with open(root / (path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                with open(path, "rb") as f:
+                    stored_config, result = pickle.load(f)
+                assert stored_config == config.to_json(), f"two tests ask for {key}'s first steps with two configs"
+                return result
+            result = first_steps(config, states=True)
+            with open(path, "wb") as f:
+                pickle.dump((config.to_json(), result), f)
+            return result
+
+    return get

@@ -396,7 +396,7 @@ def test_dkd_parts_and_warmup():
 @pytest.fixture(scope="module")
 def mesh():
     if len(jax.devices()) < N_DEV:
-        pytest.skip(f"needs {N_DEV} devices (tests/conftest.py sets XLA_FLAGS for virtual CPU devices)")
+        pytest.skip(f"needs {N_DEV} devices (tests/conftest.py asks JAX for virtual CPU devices)")
     return jax.make_mesh((N_DEV,), (AX,), axis_types=(jax.sharding.AxisType.Auto,))
 
 
