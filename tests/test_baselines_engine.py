@@ -10,8 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import SMALL_TEACHER, first_steps, small_distill_config
-from test_step_records import assert_equals_record
+from conftest import SMALL_TEACHER, small_distill_config
+from test_step_records import case_config
 from wcord_jax import configs, distill, distillers, train
 from wcord_jax.distillers.dkd import warmup_weight
 
@@ -43,8 +43,9 @@ def _cli(method, teachers, workdir, *args):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", BASELINES)
-def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, method):
+def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, shared_first_steps, tmp_path, method):
     """The CLI run on 2 devices logs, step by step, the same losses as the same steps taken by hand on 1 device; an
     init stage (AB, FT, FSP) fills epoch 1 and hands over to the main stage in epoch 2."""
     staged = bool(distillers.get(method).init_parts)
@@ -63,9 +64,8 @@ def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, tmp_path, 
     else:
         assert all(f"train/{term}" in e for e in train_events)
 
-    config = small_distill_config(method, teachers)
-    metrics, states = first_steps(config, states=True)
-    assert_equals_record(method, metrics)  # the steps taken before the distillers moved into their own files
+    # The same steps taken by hand on 1 device (test_step_records checks them against the record).
+    metrics, states = shared_first_steps(method, case_config(method, teachers))
     for step in (1, 2):
         logged = next(e for e in train_events if e["step"] == step)
         for key in ("loss", "top1", term):
