@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from wcord_jax import bench, configs, host
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -41,6 +43,7 @@ def _check_record(r, method, steps=2, batch=8):
     assert r["image_shape"] == [16, 16, 3] and r["num_classes"] == 100  # CIFAR-100 shapes unless overridden
 
 
+@pytest.mark.slow
 def test_wcord_bench_prints_one_json_line_with_both_shares_and_needs_no_tensorflow():
     out = _run("--config", "configs/distill.py:wcord,resnet8,resnet8", *TINY, no_tensorflow=True)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -72,6 +75,7 @@ def test_bench_forces_the_synthetic_set_with_cifar100_shapes():
     assert (d.name, d.image_size, d.num_channels, d.num_classes, d.num_train) == ("synthetic", 32, 3, 7, 50000)
 
 
+@pytest.mark.slow
 def test_unknown_method_is_one_error_line_and_exit_2():
     out = _run("--config", "configs/distill.py:foo,resnet8,resnet8")
     lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
@@ -80,6 +84,7 @@ def test_unknown_method_is_one_error_line_and_exit_2():
     assert out.stdout == ""
 
 
+@pytest.mark.slow
 def test_accelerator_table_runs_its_smallest_setting_on_the_cpu(tmp_path):
     """benchmarks/accelerator.sh as a user runs it, at its smallest setting: one table with a row per method."""
     from wcord_jax import bench_table

@@ -17,6 +17,8 @@ from jax.sharding import PartitionSpec as P
 from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import configs, data, feeds, parallel, train
 
+pytestmark = pytest.mark.slow  # the command line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.dataset.name=synthetic", "--config.dataset.num_train=256", "--config.dataset.num_test=32",
         "--config.dataset.image_size=16", "--config.batch_size=32", "--config.eval_batch_size=32",

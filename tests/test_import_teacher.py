@@ -22,6 +22,8 @@ F = torch.nn.functional
 from wcord_jax import checkpoint as ckpt_lib  # noqa: E402
 from wcord_jax import configs, import_teacher, models  # noqa: E402
 
+pytestmark = pytest.mark.slow  # PyTorch and the command line
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 

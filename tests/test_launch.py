@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the launch scripts
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TPU_VM = os.path.join(ROOT, "launch", "tpu_vm.sh")
 NOTEBOOK = os.path.join(ROOT, "launch", "colab.ipynb")

@@ -8,6 +8,7 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from jax.sharding import PartitionSpec as P
 
 from wcord_jax import distillers, parallel
@@ -53,6 +54,7 @@ def test_lskd_loss_on_four_devices_equals_one():
     np.testing.assert_allclose(float(jax.jit(sharded)(s, t)), float(lskd_loss(s, t, 2.0)), rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_lskd_is_registered_and_runs_from_the_command_line(small_teachers, tmp_path):
     assert "lskd" in distillers.names() and distillers.get("lskd").weights == (0.1, 0.0, 9.0)
     cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/distill.py:lskd,resnet8x4,resnet8",

@@ -23,6 +23,8 @@ import pytest
 
 from wcord_jax import checkpoint, parallel
 
+pytestmark = pytest.mark.slow  # several processes
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.dataset.name=synthetic", "--config.dataset.num_train=64", "--config.dataset.num_test=16",
         "--config.dataset.image_size=16", "--config.batch_size=16", "--config.eval_batch_size=16",

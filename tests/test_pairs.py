@@ -11,6 +11,8 @@ from conftest import shrink
 from wcord_jax import configs, data, distill, distillers, feeds, models, parallel
 from wcord_jax.train import ConfigError
 
+pytestmark = pytest.mark.slow  # whole steps of the large CIFAR pairs
+
 # RepDistiller's README, CIFAR-100 tables: same-family pairs, then different families (no FSP row there).
 SAME_FAMILY = [("wrn_40_2", "wrn_16_2"), ("wrn_40_2", "wrn_40_1"), ("resnet56", "resnet20"), ("resnet110", "resnet20"),
                ("resnet110", "resnet32"), ("resnet32x4", "resnet8x4"), ("vgg13", "vgg8")]

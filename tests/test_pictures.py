@@ -112,6 +112,7 @@ def test_series_keeps_the_last_event_of_a_repeated_step():
 # The commands
 
 
+@pytest.mark.slow
 def test_curves_writes_a_png(runs, tmp_path):
     teacher, student = runs
     out = _pictures("curves", teacher, "--out", tmp_path / "one.png")
@@ -128,6 +129,7 @@ def test_curves_writes_a_png(runs, tmp_path):
         pictures.plot_curves([student], str(tmp_path / "x.png"), terms=["kd", "wcord_global"])
 
 
+@pytest.mark.slow
 def test_correlation_writes_a_png_and_prints_the_mean(runs, tmp_path):
     teacher, student = runs
     out = _pictures("correlation", "--teacher", teacher, "--student", student, "--out", tmp_path / "corr.png", "--json")
@@ -173,6 +175,7 @@ def test_correlation_prints_one_line_and_defaults_the_teacher(monkeypatch, capsy
     (["curves"], "the following arguments are required"),
     (["draw"], "invalid choice"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     args = [a.format(missing=tmp_path / "no_such_run", tmp=tmp_path) for a in args]
     out = _pictures(*args)
@@ -180,6 +183,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     assert not (tmp_path / "x.png").exists()
 
 
+@pytest.mark.slow
 def test_bad_metric_and_labels_are_one_line_and_exit_2(runs, tmp_path):
     teacher, _ = runs
     _assert_usage_error(_pictures("curves", teacher, "--out", tmp_path / "x.png", "--metric", "eval/top7"),

@@ -166,6 +166,7 @@ def teacher_0to4(tmp_path_factory):
     return workdir
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_FMNIST, reason="the Debian package dataset-fashion-mnist is not installed")
 def test_probe_on_heldout_fashion_mnist_classes(teacher_0to4, tmp_path):
     out = _main("configs/linear_probe.py:fashion_mnist_heldout", tmp_path / "p", f"--config.student.checkpoint={teacher_0to4}",
@@ -182,6 +183,7 @@ def test_probe_on_heldout_fashion_mnist_classes(teacher_0to4, tmp_path):
     assert json.loads((tmp_path / "p" / "config.json").read_text())["task"] == "probe"
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_FMNIST, reason="the Debian package dataset-fashion-mnist is not installed")
 def test_probe_channel_mismatch_is_one_line_and_exit_2(teacher_0to4, tmp_path):
     out = _main("configs/linear_probe.py:stl10", tmp_path / "p", f"--config.student.checkpoint={teacher_0to4}")

@@ -9,6 +9,8 @@ import pytest
 from wcord_jax import configs, distillers
 from wcord_jax.experiments import study
 
+pytestmark = pytest.mark.slow  # studies
+
 
 def _fake_run(workdir, curve):
     os.makedirs(workdir, exist_ok=True)

@@ -245,6 +245,7 @@ def test_a_teacher_of_other_classes_distils_representations_and_refuses_kd(teach
     assert checkpoint.load_meta(str(tmp_path / "ens"))["view"] == "gray" and 0.0 <= result["eval/top1"] <= 1.0
 
 
+@pytest.mark.slow
 def test_bad_view_combinations_are_one_line_and_exit_2(teachers, tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     tiny = ["--config.dataset.name=synthetic", "--config.dataset.num_train=128", "--config.dataset.num_test=32",

@@ -17,8 +17,8 @@ from wcord_jax import configs, data, distill, feeds, parallel, train
 N, B, K, STEPS, WINDOW = 2048, 32, 256, 200, 20
 FULL = K // B  # the queue is full after this many steps
 
-pytestmark = pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
-                                reason="the Debian package dataset-fashion-mnist is not installed")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(not os.path.exists("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"),
+                                reason="the Debian package dataset-fashion-mnist is not installed")]
 
 
 def _small(config):
