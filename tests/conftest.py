@@ -84,10 +84,10 @@ def small_distill_config(method, teachers, **overrides):
     return config
 
 
-def first_steps(config, num_steps: int = 2, states: bool = False):
-    """The run's first steps on one device, driven by hand with the run's own data order: `num_steps` init-stage steps
-    followed by one main-stage step for methods with an init stage, else `num_steps` main-stage steps. Returns the
-    metrics of each step, and with `states` also (metrics, states before and after each step)."""
+def step_inputs(config, num_steps: int = 2):
+    """What `first_steps` drives on one device: (initial state, the runners' other inputs, the runner of each step,
+    the index batch of each step). `num_steps` init-stage steps and one main-stage step for methods with an init
+    stage, else `num_steps` main-stage steps, on the run's own data order."""
     import jax
     import jax.numpy as jnp
     from jax.sharding import PartitionSpec as P
@@ -98,7 +98,8 @@ def first_steps(config, num_steps: int = 2, states: bool = False):
     ds = data.load(config.dataset, config.seed)
     feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
     eng = distill.build_engine(config, ds, feed.steps_per_epoch, jnp.float32)
-    extra = (parallel.replicate(eng.teacher_vars, mesh), parallel.replicate(eng.class_index, mesh))
+    extra = (parallel.replicate(eng.teacher_vars, mesh), parallel.replicate(eng.class_index, mesh), feed.images,
+             feed.labels)
     state = parallel.place(jax.tree.map(jnp.copy, eng.state), mesh, eng.spec)
     order = feeds.epoch_order(jax.random.PRNGKey(config.seed), 0, config.dataset.num_train, feed.steps_per_epoch,
                               config.batch_size)
@@ -106,10 +107,19 @@ def first_steps(config, num_steps: int = 2, states: bool = False):
     runners = [main] * num_steps
     if eng.init_step is not None:
         runners = [feed.make_runner(eng.init_step, jnp.float32, num_extra=2, state_spec=eng.spec)] * num_steps + [main]
+    batches = [parallel.shard_batch(order[i:i + 1], mesh, P(None, "data")) for i in range(len(runners))]
+    return state, extra, runners, batches
+
+
+def first_steps(config, num_steps: int = 2, states: bool = False):
+    """The run's first steps on one device, driven by hand (`step_inputs`). Returns the metrics of each step, and
+    with `states` also (metrics, states before and after each step)."""
+    import jax
+
+    state, extra, runners, batches = step_inputs(config, num_steps)
     metrics, saved = [], [jax.device_get(state)] if states else []
-    for i, runner in enumerate(runners):
-        idx = parallel.shard_batch(order[i:i + 1], mesh, P(None, "data"))
-        state, m = runner(state, *extra, feed.images, feed.labels, idx)
+    for runner, idx in zip(runners, batches):
+        state, m = runner(state, *extra, idx)
         metrics.append({k: float(v[0]) for k, v in jax.device_get(m).items()})
         if states:
             saved.append(jax.device_get(state))

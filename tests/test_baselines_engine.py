@@ -96,6 +96,7 @@ def test_fsp_needs_equal_channels(teachers, tmp_path):
         distill.distill_and_evaluate(config, str(tmp_path))
 
 
+@pytest.mark.slow  # two AB runs; the fast tier resumes a WCoRD run (test_distill.py)
 def test_an_init_stage_run_resumes_across_the_stage_boundary(teachers, tmp_path):
     """An AB run stopped inside its init stage resumes and ends with the same weights as an uninterrupted run."""
     import shutil

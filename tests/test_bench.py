@@ -172,3 +172,29 @@ def test_step_profile_groups_xla_ops_by_their_call_path(tmp_path):
     assert rows["the loss, the negatives and other ops"] == "0.5"
     assert rows["all traced ops"] == "8.5"
     assert rows["per device, not in a traced op (idle, or a kernel without a trace event)"] == "1.5"
+
+
+def test_accelerator_table_plans_its_rows_and_formats_them(tmp_path):
+    """benchmarks/accelerator.sh's table without timing anything: its rows most important first, each row's config,
+    a record's line with the 240-epoch projection (240 x 50,000 images at its speed), and a spent budget skips the
+    rest and lists them."""
+    from wcord_jax import bench_table
+
+    rows = bench_table.rows()
+    assert len(rows) == 2 * 2 * 2 * 3 * 2 and len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows)
+    assert rows[0] == {"method": "wcord", "teacher": "resnet32x4", "student": "resnet8x4", "dtype": "bfloat16",
+                       "batch_size": 1024, "steps_per_dispatch": 8}
+    small = bench_table.rows(smallest=True)
+    assert [r["method"] for r in small] == ["wcord", "crd"]
+    config = bench_table.config_of(small[1])
+    assert (config.method, config.model, config.teacher.model, config.dtype, config.batch_size) == (
+        "crd", "wrn_16_2", "wrn_40_2", "float32", 64)
+    assert config.dataset.num_train == 4096 and config.crd.nce_k == 1024 and config.wcord.num_negatives == 1024
+    record = dict(rows[0], img_per_s=20_000.0, ms_per_step=51.2, compile_s=30.25, peak_memory_bytes=3 * 2 ** 30)
+    lines = bench_table.table([record], rows[1:3]).splitlines()
+    assert len(lines) == 2 + 1 + 2 and lines[0].startswith("| method | teacher -> student |")
+    assert lines[2] == ("| wcord | resnet32x4 -> resnet8x4 | bfloat16 | 1024 | 8 | 20,000 | 51.20 | 30.2 | 3.00 | "
+                        "10.0 min |")  # 12,000,000 images / 20,000 img/s = 600 s
+    assert all(l.endswith("| skipped (time budget) | | | | |") for l in lines[3:])
+    records, skipped = bench_table.run_table(-1.0, 2, False, str(tmp_path / "rows.jsonl"))
+    assert records == [] and skipped == rows and (tmp_path / "rows.jsonl").read_text() == ""

@@ -1,4 +1,5 @@
-"""The command line as a user runs it: errors are one line with exit status 2; a killed run resumes."""
+"""The command line as a user runs it: errors are one line with exit status 2; a killed run resumes. The runs of
+`python -m wcord_jax.main` are `slow`; the fast tier runs the command's body in this process."""
 import json
 import os
 import re
@@ -9,8 +10,6 @@ import time
 
 import numpy as np
 import pytest
-
-pytestmark = pytest.mark.slow  # the command line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.dataset.name=synthetic", "--config.dataset.num_train=256", "--config.dataset.num_test=32",
@@ -27,6 +26,7 @@ def cli(*args, workdir, timeout=300, platforms="cpu"):
     return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+@pytest.mark.slow  # the command line
 @pytest.mark.parametrize("args, expected", [
     (["--config.model=resnet9"], "unknown model 'resnet9'; valid: "),
     (["--config.dataset.name=mnist"], "unknown data set 'mnist'; valid: cifar100, cifar10, imagenet2012"),
@@ -41,6 +41,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path, args, expected):
     assert lines[0].startswith("error: ") and expected in lines[0], lines[0]
 
 
+@pytest.mark.slow  # the command line
 def test_missing_data_set_says_how_to_get_it(tmp_path):
     out = cli("--config.dataset.name=cifar100", f"--config.dataset.data_dir={tmp_path}", "--config.dataset.download=False",
               workdir=tmp_path / "w")
@@ -54,6 +55,7 @@ def _final_weights(workdir):
     return jax.tree.leaves(checkpoint.load_variables(str(workdir)))
 
 
+@pytest.mark.slow  # the command line
 def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
     straight = tmp_path / "straight"
     out = cli(*TINY, "--config.num_epochs=3", workdir=straight, platforms=None)
@@ -89,6 +91,7 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
     assert evals[-1]["epoch"] == 3 and evals[-1]["step"] == 24
 
 
+@pytest.mark.slow  # the command line
 def test_distill_config_errors_are_one_line(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     for arg, expected in (("configs/distill.py:foo,resnet8,resnet8", "unknown method 'foo'; valid: none, kd, crd"),
@@ -97,3 +100,58 @@ def test_distill_config_errors_are_one_line(tmp_path):
                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
         lines = [l for l in out.stderr.strip().splitlines() if l.strip()]
         assert out.returncode == 2 and len(lines) == 1 and expected in lines[0], out.stderr
+
+
+def _forget_config_overrides():
+    """Unparses the flags and removes the --config.KEY ones a parse registered (absl refuses to define them twice)."""
+    from absl import flags
+
+    flags.FLAGS.unparse_flags()
+    for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+        delattr(flags.FLAGS, name)
+
+
+@pytest.fixture
+def in_process_cli(monkeypatch):
+    """`wcord_jax.main`'s flag parsing and body, run in this process: its changes to XLA_FLAGS, the loggers and the
+    parsed flags are undone afterwards."""
+    import logging
+
+
+    from wcord_jax import main
+
+    monkeypatch.setenv("XLA_FLAGS", os.environ.get("XLA_FLAGS", ""))
+    loggers = [logging.getLogger(name) for name in ("wcord_jax", "absl", "jax")]
+    saved = [(lg, lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield main
+    for lg, handlers, level, propagate in saved:
+        lg.handlers[:], lg.propagate = handlers, propagate
+        lg.setLevel(level)
+    _forget_config_overrides()
+
+
+def test_the_command_trains_and_reports_in_this_process(in_process_cli, tmp_path, capsys, monkeypatch):
+    """The body of `python -m wcord_jax.main` on a tiny teacher run: one `done:` line with the test metrics, the
+    run's files; a bad config key and a missing workdir are one `error:` line with exit status 2."""
+    main, workdir = in_process_cli, tmp_path / "run"
+    argv = ["main", "--config", "configs/teacher.py:resnet8", "--workdir", str(workdir), *TINY, "--config.num_epochs=1",
+            "--config.progress_bar=False"]
+
+    def run(args):
+        _forget_config_overrides()
+        monkeypatch.setattr(sys, "argv", args)  # where ml_collections looks for the --config.KEY overrides
+        main.parse_flags(args)
+        main.main([])
+
+    run(argv)
+    done = capsys.readouterr().out.strip().splitlines()
+    assert len(done) == 1 and re.fullmatch(rf"done: .*eval/top1=\d\.\d{{4}}.* \(workdir {re.escape(str(workdir))}\)",
+                                           done[0]), done
+    events = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert f"eval/top1={[e for e in events if 'eval/top1' in e][-1]['eval/top1']:.4f}" in done[0]
+    for bad, expected in (([*argv, "--config.num_epochz=2"], "error: unknown config key 'num_epochz': config has "),
+                          ([a for a in argv if a not in ("--workdir", str(workdir))], "error: --workdir is required")):
+        with pytest.raises(SystemExit) as e:
+            run(bad)
+        err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert e.value.code == 2 and len(err) == 1 and err[0].startswith(expected), err

@@ -147,6 +147,7 @@ def test_device_batch_carries_indices_and_is_reproducible():
     mesh = jax.sharding.Mesh(np.asarray(jax.devices()[:1]), ("data",))
     idx = jnp.asarray([3, 17, 5, 0], jnp.int32)
 
+    @jax.jit  # one compilation for the three batches
     def get(rng, step):
         fn = lambda: feeds.device_batch(rng, step, jnp.asarray(ds.train.images), jnp.asarray(ds.train.labels), idx,
                                         mean=jnp.asarray(ds.mean), std=jnp.asarray(ds.std), dtype=jnp.float32,

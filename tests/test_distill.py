@@ -61,7 +61,7 @@ def test_kd_loss_matches_numpy():
 
 
 @pytest.mark.parametrize("method, terms", [
-    ("crdkd", ("ce", "kd", "crd")),
+    pytest.param("crdkd", ("ce", "kd", "crd"), marks=pytest.mark.slow),  # CRD's sharded memory: test_losses_sharded
     ("wcordkd", ("ce", "kd", "wcord_global", "wcord_local")),
 ])
 def test_four_devices_give_the_same_losses_as_one(teacher_dir, method, terms):
@@ -140,7 +140,12 @@ def test_missing_or_mismatched_teacher_checkpoint_is_a_clear_error(teacher_dir, 
 ENGINE_METHODS = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd")  # the baselines: test_baselines_engine.py
 
 
-@pytest.mark.parametrize("method", ENGINE_METHODS)
+def _tiered(methods, fast):
+    """The fast tier (-m "not slow") runs the methods in `fast`, the whole suite every one."""
+    return [m if m in fast else pytest.param(m, marks=pytest.mark.slow) for m in methods]
+
+
+@pytest.mark.parametrize("method", _tiered(ENGINE_METHODS, ("crdkd",)))  # wcord: the resume test
 def test_every_method_runs_and_logs_its_terms(teacher_dir, tmp_path, method):
     config = _distill_config(method, teacher_dir, num_devices=2)
     result = distill.distill_and_evaluate(config, str(tmp_path))
@@ -181,7 +186,7 @@ METHOD_TERMS = {"none": ("ce",), "kd": ("ce", "kd"), "crd": ("ce", "crd"), "crdk
                 "wcord": ("ce", "wcord_global", "wcord_local"), "wcordkd": ("ce", "kd", "wcord_global", "wcord_local")}
 
 
-@pytest.mark.parametrize("method", ENGINE_METHODS)
+@pytest.mark.parametrize("method", _tiered(ENGINE_METHODS, ("crd", "wcord", "wcordkd")))  # every term between them
 def test_a_few_steps_lower_each_term_of_the_method(teacher_dir, method):
     """Training on one batch lowers every loss term on that batch, against fixed negatives: the memories / queue of
     a reference state (fresh momentum) are used in every step, and the terms are read from a step on the probe batch before and after

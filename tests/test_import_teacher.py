@@ -22,7 +22,6 @@ F = torch.nn.functional
 from wcord_jax import checkpoint as ckpt_lib  # noqa: E402
 from wcord_jax import configs, import_teacher, models  # noqa: E402
 
-pytestmark = pytest.mark.slow  # PyTorch and the command line
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -389,7 +388,11 @@ CASES = [  # the six published teachers, then the CRD table's students and torch
     ("torchvision", "resnet18", 64)]
 
 
-@pytest.mark.parametrize("source, name, size", CASES)
+FAST_CASES = (("repdistiller", "resnet8x4", 32), ("repdistiller", "wrn_16_2", 32))  # the rest: the whole suite
+
+
+@pytest.mark.parametrize("source, name, size", [c if c in FAST_CASES else pytest.param(*c, marks=pytest.mark.slow)
+                                                for c in CASES])
 def test_imported_network_gives_pytorchs_eval_logits_and_features(tmp_path, source, name, size):
     num_classes = 100 if source == "repdistiller" else 1000
     net = randomise(reference(name, num_classes), seed=len(name))
@@ -497,6 +500,7 @@ def test_broken_files_name_what_is_wrong(tmp_path, damage, expected):
     assert not (tmp_path / "w").exists()  # nothing written
 
 
+@pytest.mark.slow  # the command line
 def test_a_broken_file_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     path = _broken_file(tmp_path, "unsafe")
     out = _cli("--source", "repdistiller", "--model", "resnet8", "--checkpoint", str(path), "--workdir",
@@ -505,6 +509,7 @@ def test_a_broken_file_on_the_command_line_is_one_line_and_exit_2(tmp_path):
     assert not (tmp_path / "ran").exists()
 
 
+@pytest.mark.slow  # the command line
 def test_unsupported_architecture_names_the_valid_ones(tmp_path):
     out = _cli("--source", "torchvision", "--model", "resnet32x4", "--checkpoint", "x.pth", "--workdir", str(tmp_path))
     _one_error_line(out, "--source torchvision --model resnet32x4: not one of its architectures; valid: resnet18, "
@@ -515,6 +520,7 @@ def test_unsupported_architecture_names_the_valid_ones(tmp_path):
 # From import to distillation
 
 
+@pytest.mark.slow  # the command line
 def test_an_imported_teacher_is_evaluated_and_distils_from_the_command_line(tmp_path):
     net = randomise(reference("resnet8", 10), 3)
     path = tmp_path / "resnet8_vanilla.pth"
@@ -539,3 +545,33 @@ def test_an_imported_teacher_is_evaluated_and_distils_from_the_command_line(tmp_
     assert out.returncode == 0, out.stderr[-3000:]
     events = [__import__("json").loads(l) for l in (tmp_path / "student" / "metrics.jsonl").read_text().splitlines()]
     assert abs(events[0]["teacher/top1"] - meta["eval/top1"]) < 1e-6  # the same teacher, the same test split
+
+
+def test_an_imported_teacher_is_written_as_a_run_with_pytorchs_test_accuracy(tmp_path, monkeypatch):
+    """`import_teacher` in this process (the fast tier's run of the command's body): the run it writes holds the
+    PyTorch weights, and its logged test top-1 is the top-1 of PyTorch's own eval logits on the normalised test
+    split."""
+    from wcord_jax import data
+    from wcord_jax.data import sources
+
+    net = randomise(reference("resnet8", 10), 5)
+    path = tmp_path / "resnet8.pth"
+    save_like_repdistiller(net, path)
+    config = configs.teacher_config("resnet8")
+    config.dataset.name, config.dataset.num_classes, config.dataset.image_size = "synthetic", 10, 16
+    config.dataset.num_train, config.dataset.num_test = 64, 48
+    config.eval_batch_size, config.num_devices = 16, 1
+    monkeypatch.setattr(import_teacher, "_overridden", {"dataset.name", "dataset.num_classes"})  # as --config.X
+    meta = import_teacher.import_teacher("repdistiller", "resnet8", str(path), str(tmp_path / "w"), config)
+
+    test = data.load(config.dataset, config.seed).test
+    mean, std = sources.normalization("synthetic", 3)
+    x = ((np.asarray(test.images, np.float32) - mean) / std).transpose(0, 3, 1, 2)
+    with torch.no_grad():
+        _, logits = net(torch.from_numpy(x))
+    want = float(np.mean(np.argmax(logits.numpy(), -1) == np.asarray(test.labels)))
+    assert meta["source"] == "repdistiller" and abs(meta["eval/top1"] - want) < 1e-6
+    written = ckpt_lib.load_meta(str(tmp_path / "w"))
+    assert written["eval/top1"] == meta["eval/top1"] and written["model"] == "resnet8" and written["num_classes"] == 10
+    imported = ckpt_lib.load_variables(str(tmp_path / "w"))
+    np.testing.assert_array_equal(imported["params"]["fc"]["kernel"], net.fc.weight.detach().numpy().T)

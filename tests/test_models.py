@@ -76,6 +76,15 @@ FEATURE_SHAPES = {
 }
 
 IMAGENET = ("resnet18", "resnet34")
+# The fast tier (-m "not slow") takes the forward pass of one network per family (each a module of wcord_jax.models;
+# the CIFAR ResNets also at width x4) and the backward pass of the small ones; the whole suite takes every network.
+FAST_FORWARD = ("resnet8", "resnet8x4", "ResNet50", "wrn_16_2", "vgg8", "MobileNetV2", "ShuffleV1", "ShuffleV2",
+                "resnet18")
+FAST_BACKWARD = ("resnet8", "resnet8x4", "wrn_16_2", "vgg8", "resnet18")
+
+
+def _tiered(names, fast):
+    return [n if fast(n) else pytest.param(n, marks=pytest.mark.slow) for n in names]
 
 
 def _num_classes(name):
@@ -176,7 +185,7 @@ def _preact_relation_holds(name, feats, pre):
             assert np.min(pre[i]) < 0
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", _tiered(list_models(), lambda n: n in FAST_FORWARD))
 def test_jit_forward_train_mode(name):
     model = get_model(name, 10)
     variables = synth_variables(name)
@@ -196,7 +205,7 @@ def test_jit_forward_train_mode(name):
     _preact_relation_holds(name, feats, pre)
 
 
-@pytest.mark.parametrize("name", list_models())
+@pytest.mark.parametrize("name", _tiered(list_models(), lambda n: n in FAST_BACKWARD))
 def test_jit_backward(name):
     model = get_model(name, 10)
     variables = synth_variables(name)

@@ -167,6 +167,24 @@ def test_correlation_prints_one_line_and_defaults_the_teacher(monkeypatch, capsy
         pictures.correlation(None, str(tmp_path), str(tmp_path / "x.png"))
 
 
+def test_curves_and_correlation_of_two_runs_in_this_process(small_teachers, tmp_path, capsys):
+    """Both pictures drawn here from two finished runs (the fast tier's run of the commands' bodies): PNG files, and
+    the correlation's top-1s are the ones each run's evaluation logged."""
+    teacher, student = small_teachers["resnet8x4"], small_teachers["resnet8"]
+    _assert_png(pictures.plot_curves([teacher, student], str(tmp_path / "curves.png"), labels=["x4", "r8"]))
+    result = pictures.correlation(teacher, student, str(tmp_path / "corr.png"))
+    _assert_png(tmp_path / "corr.png")
+    assert 0.0 <= result["mean_abs_diff"] <= result["max_abs_diff"] <= 2.0
+    for workdir, key in ((student, "student_top1"), (teacher, "teacher_top1")):
+        logged = [r["eval/top1"] for r in pictures.load_run(workdir) if "eval/top1" in r][-1]
+        assert abs(result[key] - logged) <= 1 / result["num_test"] + 1e-9, (key, result[key], logged)
+    with pytest.raises(SystemExit) as e:
+        pictures.main(["curves", str(tmp_path / "no_such_run"), "--out", str(tmp_path / "x.png")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().startswith(f"error: no such workdir: {tmp_path / 'no_such_run'}")
+    assert not (tmp_path / "x.png").exists()
+
+
 @pytest.mark.parametrize("args, expected", [
     (["curves", "{missing}", "--out", "{tmp}/x.png"], "no such workdir"),
     (["correlation", "--teacher", "{missing}", "--student", "{missing}", "--out", "{tmp}/x.png"], "no such workdir"),

@@ -24,7 +24,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import first_steps, small_distill_config, train_small_teachers
+from conftest import first_steps, small_distill_config, step_inputs, train_small_teachers
 
 RECORD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "step_records.json")
 METHODS = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd", "fitnet", "at", "sp", "cc", "vid", "rkd", "pkt", "ab",
@@ -79,10 +79,32 @@ def assert_equals_record(case, got):
             np.testing.assert_allclose(g[key], w[key], rtol=RTOL, atol=ATOL, err_msg=f"{case} step {step} {key}")
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+# The fast tier (-m "not slow") checks the records of CRD, WCoRD, KD and the student alone, and traces the other
+# methods' steps (`test_a_method_s_steps_trace_to_its_recorded_terms`); the whole suite checks every record.
+FAST_CASES = ("none", "kd", "crd", "crdkd", "wcord", "wcordkd")
+
+
+@pytest.mark.parametrize("case", [c if c in FAST_CASES else pytest.param(c, marks=pytest.mark.slow)
+                                  for c in sorted(CASES)])
 def test_first_steps_equal_the_record(small_teachers, shared_first_steps, case):
     metrics, _ = shared_first_steps(case, case_config(case, small_teachers))
     assert_equals_record(case, metrics)
+
+
+@pytest.mark.parametrize("method", [m for m in METHODS if m not in FAST_CASES])
+def test_a_method_s_steps_trace_to_its_recorded_terms(small_teachers, method):
+    """Each of the method's first steps, traced without compiling the step (jax.eval_shape): it returns the state it
+    was given (the same tree, shapes and dtypes) and one float32 value of each metric its record holds for that step.
+    (The fast tier's run of the baselines' distillers; their records are checked by the whole suite.)"""
+    import jax
+
+    state, extra, runners, batches = step_inputs(case_config(method, small_teachers))
+    before = jax.tree.map(lambda x: (x.shape, x.dtype), state)
+    for step, (runner, idx, want) in enumerate(zip(runners, batches, _record()[method])):
+        out, metrics = jax.eval_shape(runner, state, *extra, idx)
+        assert jax.tree.map(lambda x: (x.shape, x.dtype), out) == before, f"{method} step {step}: state changed"
+        assert sorted(metrics) == sorted(want), f"{method} step {step}"
+        assert all((m.shape, m.dtype) == ((1,), np.float32) for m in metrics.values()), f"{method} step {step}"
 
 
 def _gradient_negated(loss_fn):
@@ -103,6 +125,7 @@ MUTATIONS = {
 }
 
 
+@pytest.mark.slow  # a test of the record itself
 @pytest.mark.parametrize("mutation", sorted(MUTATIONS))
 def test_the_record_catches_a_change_of_the_math(small_teachers, monkeypatch, mutation):
     from wcord_jax import losses

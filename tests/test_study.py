@@ -9,7 +9,6 @@ import pytest
 from wcord_jax import configs, distillers
 from wcord_jax.experiments import study
 
-pytestmark = pytest.mark.slow  # studies
 
 
 def _fake_run(workdir, curve):
@@ -341,6 +340,7 @@ def test_processes_sharing_a_workdir_skip_each_other_s_runs_and_students_wait_fo
     assert sorted(os.listdir(tmp_path / study.CLAIMS)) == ["held"]  # this process released its own claims
 
 
+@pytest.mark.slow  # trains a teacher and a student
 def test_a_quick_study_of_two_methods_runs_and_leaves_no_claims(tmp_path):
     """study.run_all end to end (quick preset: the teacher, then the student alone), and a second call finds every run
     done."""

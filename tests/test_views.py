@@ -206,6 +206,7 @@ def test_kd_of_two_copies_of_a_teacher_is_kd_of_that_teacher(teachers):
             np.testing.assert_allclose(a[term], b[term], rtol=1e-5, err_msg=term)
 
 
+@pytest.mark.slow  # four devices, two teachers: test_distill.py has the fast tier's one-against-four-devices check
 @pytest.mark.parametrize("method", ["wcordkd"])  # CRD's per-teacher memory: the single-device tests
 def test_views_and_two_teachers_give_the_same_losses_on_one_and_four_devices(teachers, method):
     """A student on a random view (mask) distilled from two teachers: per-teacher heads and state, sharded as for
