@@ -5,6 +5,7 @@ The device count is JAX's own setting (`jax_num_cpu_devices`), set before JAX in
 `XLA_FLAGS` it is not inherited by the subprocesses (a test that wants a count for one sets `XLA_FLAGS` itself).
 """
 import atexit
+import contextlib
 import os
 import shutil
 import tempfile
@@ -126,51 +127,55 @@ def first_steps(config, num_steps: int = 2, states: bool = False):
     return (metrics, saved) if states else metrics
 
 
-@pytest.fixture(scope="session")
-def small_teachers(tmp_path_factory):
-    """`train_small_teachers`' teachers, trained once for the whole run: the parallel workers (pytest-xdist) share
-    one copy in their common temporary directory, the first to need it training it under a file lock."""
+def _shared_dir(tmp_path_factory, name: str):
+    """`name`'s directory for this test run: under the parallel workers' (pytest-xdist) common temporary directory,
+    so that they share it, else under this process's."""
+    base = tmp_path_factory.getbasetemp()
+    root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / name
+    root.mkdir(exist_ok=True)
+    return root
+
+
+@contextlib.contextmanager
+def _exclusive(path):
+    """Holds an exclusive lock on the file `path` (created if missing): one worker at a time."""
     import fcntl
 
-    if not os.environ.get("PYTEST_XDIST_WORKER"):
-        return train_small_teachers(tmp_path_factory.mktemp("small_teachers"))
-    root = tmp_path_factory.getbasetemp().parent / "small_teachers"
-    root.mkdir(exist_ok=True)
-    with open(root / "lock", "w") as lock:
+    with open(path, "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (root / "done").exists():
-            return {model: str(root / model) for model in SMALL_TEACHER_MODELS}
-        dirs = train_small_teachers(root)
-        (root / "done").write_text("")
-        return dirs
+        yield
+
+
+@pytest.fixture(scope="session")
+def small_teachers(tmp_path_factory):
+    """`train_small_teachers`' teachers, trained once for the whole run: the parallel workers share one copy
+    (`_shared_dir`), the first to need it training it under a file lock."""
+    root = _shared_dir(tmp_path_factory, "small_teachers")
+    with _exclusive(root / "lock"):
+        if not (root / "done").exists():
+            train_small_teachers(root)
+            (root / "done").write_text("")
+    return {model: str(root / model) for model in SMALL_TEACHER_MODELS}
 
 
 @pytest.fixture(scope="session")
 def shared_first_steps(tmp_path_factory):
     """`first_steps(config, states=True)` taken once per test run and `key`: the tests that need the same method's
     first steps (its record, its two-device command-line run) share them, across the parallel workers too (a file
-    per key in their common temporary directory, written under a lock by the first to need it)."""
-    import fcntl
+    per key in `_shared_dir`, written under a lock by the first to need it)."""
     import pickle
 
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        root = tmp_path_factory.getbasetemp().parent / "first_steps"
-    else:
-        root = tmp_path_factory.getbasetemp() / "first_steps"
-    root.mkdir(exist_ok=True)
+    root = _shared_dir(tmp_path_factory, "first_steps")
 
     def get(key: str, config):
         path = root / (key.replace(":", "_") + ".pkl")
-        with open(root / (path.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if path.exists():
-                with open(path, "rb") as f:
-                    stored_config, result = pickle.load(f)
-                assert stored_config == config.to_json(), f"two tests ask for {key}'s first steps with two configs"
-                return result
-            result = first_steps(config, states=True)
-            with open(path, "wb") as f:
-                pickle.dump((config.to_json(), result), f)
-            return result
+        with _exclusive(root / (path.name + ".lock")):
+            if not path.exists():
+                with open(path, "wb") as f:
+                    pickle.dump((config.to_json(), first_steps(config, states=True)), f)
+            with open(path, "rb") as f:
+                stored_config, result = pickle.load(f)
+        assert stored_config == config.to_json(), f"two tests ask for {key}'s first steps with two configs"
+        return result
 
     return get
