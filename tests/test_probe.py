@@ -209,5 +209,5 @@ def test_probe_config_errors(tmp_path):
         probe.probe_and_evaluate(config, str(tmp_path / "p"))
     (tmp_path / "run" / "config.json").write_text('{"task": "teacher", "model": "resnet8", '
                                                   '"dataset": {"name": "fashion_mnist"}}')
-    with pytest.raises(probe.ConfigError, match="student checkpoint not found"):
+    with pytest.raises(probe.ConfigError, match="student.checkpoint: checkpoint not found"):
         probe.probe_and_evaluate(config, str(tmp_path / "p"))

@@ -29,10 +29,12 @@ from wcord_jax import distillers, feeds, heads, losses, models, parallel, train
 from wcord_jax import views as views_lib
 from wcord_jax.distillers._ensemble import PerTeacher
 from wcord_jax.distillers.base import StepInputs
-from wcord_jax.train import AXIS, ConfigError
+from wcord_jax.core import AXIS, ConfigError
+from wcord_jax.core import HEADS_STREAM as _HEADS_STREAM
+from wcord_jax.core import METHOD_STREAM as _METHOD_STREAM
+from wcord_jax.core import STATE_STREAM as _STATE_STREAM
 
 log = logging.getLogger("wcord_jax")
-_METHOD_STREAM, _HEADS_STREAM, _STATE_STREAM = 3, 4, 5
 # The student's classifier, by the zoo's parameter names; an init stage with 'student_features' trains all else.
 CLASSIFIER_NAMES = ("fc", "linear", "classifier")
 

@@ -19,12 +19,10 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wcord_jax import parallel
 from wcord_jax import views as views_lib
+from wcord_jax.core import AUGMENT_STREAM, AXIS, ORDER_STREAM  # noqa: F401 (feeds.AUGMENT_STREAM: the tests use it)
 from wcord_jax.data import DataSet
 from wcord_jax.data import augment as aug
 
-AXIS = parallel.AXIS
-# Streams folded from the run's key (stream 0 initialises parameters).
-ORDER_STREAM, AUGMENT_STREAM = 1, 2
 # The random views' keys: folded from each example's augmentation key (training) or from this key and the test
 # example's index (evaluation), and then from the view's slot (0 the trained network's, 1 the teacher's).
 EVAL_VIEW_SEED = 20_201

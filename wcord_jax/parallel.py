@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-AXIS = "data"
+from wcord_jax.core import AXIS  # noqa: F401 (the mesh's axis: parallel.AXIS)
 
 # Environment variables that make `initialize_distributed` connect the processes of a run.
 ENV_DISTRIBUTED = "WCORD_DISTRIBUTED"  # 1/true/auto: jax.distributed.initialize() with JAX's auto-detection

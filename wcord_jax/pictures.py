@@ -28,6 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from wcord_jax import metrics as metrics_lib
+from wcord_jax import rundir
 
 USAGE_ERROR = 2
 # train/<key> entries that are not loss terms.
@@ -63,7 +64,7 @@ def _save(fig, out: str) -> str:
 
 
 def _check_workdir(workdir: str) -> None:
-    if not os.path.isdir(workdir):
+    if not metrics_lib.workdir_path(workdir).is_dir():
         raise PictureError(f"no such workdir: {workdir}")
 
 
@@ -74,8 +75,8 @@ def _check_workdir(workdir: str) -> None:
 def load_run(workdir: str) -> list[dict]:
     """The events of a run's metrics.jsonl; PictureError if there are none."""
     _check_workdir(workdir)
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    path = metrics_lib.workdir_path(workdir) / "metrics.jsonl"
+    if not path.is_file():
         raise PictureError(f"{workdir} has no metrics.jsonl (is it a wcord_jax workdir?)")
     try:
         records = metrics_lib.read_metrics(workdir)
@@ -226,13 +227,11 @@ def correlation_difference(logits_t: np.ndarray, logits_s: np.ndarray) -> tuple[
 
 
 def read_config(workdir: str) -> dict:
-    """The resolved config a run wrote to WORKDIR/config.json, as a plain dict."""
-    _check_workdir(workdir)
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise PictureError(f"{workdir} has no config.json (is it a finished wcord_jax run?)")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
+    """The resolved config a run wrote to WORKDIR/config.json, as a plain dict (`wcord_jax.rundir`)."""
+    try:
+        return rundir.read_config(workdir)
+    except rundir.RunDirError as e:
+        raise PictureError(str(e)) from e
 
 
 def load_dataset(workdir: str):
@@ -259,8 +258,6 @@ def logits_on_test(workdir: str, dataset=None, which: str = "last", batch_size: 
     import jax
     import jax.numpy as jnp
 
-    from wcord_jax import checkpoint as ckpt_lib
-    from wcord_jax import models
     from wcord_jax.data import augment as aug
 
     config = read_config(workdir)
@@ -268,30 +265,15 @@ def logits_on_test(workdir: str, dataset=None, which: str = "last", batch_size: 
         dataset = load_dataset(workdir)
     if not dataset.in_memory:
         raise PictureError(f"{dataset.name} is streamed, not held in memory: logits_on_test needs an in-memory data set")
-    name = config.get("model")
-    if name not in models.list_models():
-        raise PictureError(f"{workdir}/config.json names no known model (model={name!r})")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
     dtype = dtype or config.get("dtype", "float32")
     if dtype not in dtypes:
         raise PictureError(f"unknown dtype {dtype!r}; valid: {', '.join(dtypes)}")
     try:
-        variables = ckpt_lib.load_variables(workdir, which)
-    except FileNotFoundError as e:
+        net = rundir.load_network(workdir, which, dtypes[dtype], num_classes=dataset.num_classes)
+    except rundir.RunDirError as e:
         raise PictureError(str(e)) from e
-    params = variables["params"]
-    if "student" in params and set(params) <= {"student", "embed_s", "embed_t"}:
-        params = params["student"]  # a distillation run: DistillState.params = {'student', 'embed_s', 'embed_t'}
-    variables = {"params": params, "batch_stats": variables.get("batch_stats") or {}}
-
-    model = models.get_model(name, dataset.num_classes, dtype=dtypes[dtype])
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *dataset.image_shape)),
-                                                 train=False))
-    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
-    if shapes({k: expected.get(k, {}) for k in variables}) != shapes(variables):
-        raise PictureError(f"{workdir} does not hold a {name} for {dataset.num_classes} classes and "
-                           f"{dataset.image_shape} images (its parameters have other shapes)")
-    variables = jax.tree.map(jnp.asarray, variables)
+    model, variables = net.model, net.variables
     mean, std = jnp.asarray(dataset.mean), jnp.asarray(dataset.std)
 
     @jax.jit

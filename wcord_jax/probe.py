@@ -28,15 +28,14 @@ import ml_collections
 import numpy as np
 import optax
 
-from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import configs as configs_lib
 from wcord_jax import data as data_lib
 from wcord_jax import metrics as metrics_lib
-from wcord_jax import models
+from wcord_jax import rundir
 from wcord_jax.data import augment as aug
 from wcord_jax.data import sources
 from wcord_jax.data.sources import ArrayData, DataNotFoundError
-from wcord_jax.train import ConfigError
+from wcord_jax.core import ConfigError
 
 log = logging.getLogger("wcord_jax")
 
@@ -81,72 +80,30 @@ def probe_config(dataset: str = "stl10") -> ml_collections.ConfigDict:
 # The frozen network
 
 
-def _read_run_config(path: str) -> dict:
-    if not path:
-        raise ConfigError("--config.student.checkpoint=DIR is required: the workdir of a finished teacher or "
-                          "distillation run")
-    if not os.path.isdir(path):
-        raise ConfigError(f"student checkpoint {path} does not exist: pass the workdir of a finished teacher or "
-                          f"distillation run")
-    config_path = os.path.join(path, "config.json")
-    if not os.path.exists(config_path):
-        raise ConfigError(f"{path} has no config.json: pass the workdir of a teacher or distillation run "
-                          f"(the --workdir it was trained with)")
-    with open(config_path, encoding="utf-8") as f:
-        return json.load(f)
-
-
 def source_data(run_cfg: dict) -> tuple[str, int, tuple[int, int, int], Optional[tuple]]:
     """(data set name, number of classes, image shape, class subset) a run trained its network on."""
-    ds = run_cfg.get("dataset") or {}
-    name, classes = ds.get("name"), ds.get("classes")
-    if name == "synthetic":
-        num_classes, shape = ds["num_classes"], (ds["image_size"], ds["image_size"], ds["num_channels"])
-    elif name == "imagenet2012":
-        num_classes, shape = 1000, (224, 224, 3)
-    elif name == "fashion_mnist":
-        num_classes, shape = 10, (32, 32, 1)  # zero-padded 28 -> 32
-    elif name in sources.NUM_CLASSES:
-        num_classes, shape = sources.NUM_CLASSES[name], (32, 32, 3)
-    else:
-        raise ConfigError(f"cannot tell what the run was trained on (dataset.name={name!r} in its config.json)")
-    if classes:
-        classes = tuple(int(c) for c in classes)
-        num_classes = len(classes)
-    return name, int(num_classes), tuple(int(s) for s in shape), classes
+    return rundir.trained_data(run_cfg)
 
 
 def load_network(path: str, which: str = "last") -> dict:
-    """The frozen network of a teacher or distillation run: module, variables and what it was trained on."""
-    run_cfg = _read_run_config(path)
-    task = run_cfg.get("task", "teacher")
-    if task not in ("teacher", "distill"):
-        raise ConfigError(f"{path} holds a {task!r} run; pass the workdir of a teacher or distillation run")
+    """The frozen network of a teacher or distillation run (`wcord_jax.rundir`): module, variables and what it was
+    trained on."""
+    if not path:
+        raise ConfigError("--config.student.checkpoint=DIR is required: the workdir of a finished teacher or "
+                          "distillation run")
+    if not rundir.workdir_path(path).is_dir():
+        raise ConfigError(f"student checkpoint {path} does not exist: pass the workdir of a finished teacher or "
+                          f"distillation run")
     if which not in ("last", "best"):
         raise ConfigError(f"unknown student.which {which!r}; valid: last, best")
-    model_name = run_cfg.get("model")
-    if model_name not in models.list_models():
-        raise ConfigError(f"{path}/config.json names an unknown model {model_name!r}")
-    name, num_classes, shape, classes = source_data(run_cfg)
     try:
-        meta = ckpt_lib.load_meta(path, which)
-        variables = ckpt_lib.load_variables(path, which)
-    except FileNotFoundError as e:
-        raise ConfigError(f"student checkpoint not found: {e}") from e
-    if meta.get("model") not in (None, model_name):
-        raise ConfigError(f"{path} holds a {meta['model']} checkpoint, but its config.json says {model_name}")
-    params = variables["params"]["student"] if task == "distill" else variables["params"]
-    variables = {"params": params, "batch_stats": variables["batch_stats"]}
-    model = models.get_model(model_name, num_classes)
-    expected = jax.eval_shape(functools.partial(model.init, train=False), jax.random.PRNGKey(0),
-                              jnp.zeros((1, *shape)))
-    shapes = lambda tree: jax.tree.map(lambda x: tuple(x.shape), tree)  # noqa: E731
-    if shapes(variables) != shapes({k: expected.get(k, {}) for k in ("params", "batch_stats")}):
-        raise ConfigError(f"{path}'s checkpoint is not a {model_name} for {num_classes} classes and {shape[-1]}-channel "
-                          f"images, as its config.json says (its parameters have other shapes)")
-    return {"model": model, "variables": jax.tree.map(jnp.asarray, variables), "model_name": model_name,
-            "task": task, "dataset": name, "num_classes": num_classes, "image_shape": shape, "classes": classes,
-            "epoch": meta.get("epoch"), "path": path}
+        net = rundir.load_network(path, which)
+    except rundir.RunDirError as e:
+        raise ConfigError(f"student.checkpoint: {e}") from e
+    name, num_classes, shape, classes = rundir.trained_data(net.config)
+    return {"model": net.model, "variables": net.variables, "model_name": net.model_name, "task": net.task,
+            "dataset": name, "num_classes": num_classes, "image_shape": shape, "classes": classes,
+            "epoch": net.meta.get("epoch"), "path": path}
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -5,17 +5,17 @@ test top-1, and for distillation runs the teacher's own test top-1 as logged bef
 """
 from __future__ import annotations
 
-import json
-import os
 import sys
 
-from wcord_jax import metrics
+from wcord_jax import metrics, rundir
 
 
 def summarise(workdir: str) -> dict:
-    """The row of one workdir (raises FileNotFoundError when it holds no run)."""
-    with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
-        config = json.load(f)
+    """The row of one workdir, local or on object storage (raises FileNotFoundError when it holds no run)."""
+    try:
+        config = rundir.read_config(workdir)
+    except rundir.RunDirError as e:
+        raise FileNotFoundError(str(e)) from e
     events = metrics.read_metrics(workdir)
     evals = {}
     teacher_top1 = None

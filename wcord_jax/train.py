@@ -31,14 +31,12 @@ from wcord_jax import feeds, host
 from wcord_jax import metrics as metrics_lib
 from wcord_jax import models, parallel
 from wcord_jax import views as views_lib
+from wcord_jax.core import AXIS, ConfigError  # noqa: F401 (train.ConfigError: the same class)
+from wcord_jax.core import INIT_STREAM as _INIT_STREAM
 from wcord_jax.feeds import cross_entropy
 
 log = logging.getLogger("wcord_jax")
-AXIS = parallel.AXIS
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-
-# The stream of the run's key that initialises parameters (feeds.py uses others for data order and augmentation).
-_INIT_STREAM = 0
 
 
 @flax.struct.dataclass
@@ -48,10 +46,6 @@ class TrainState:
     batch_stats: Any
     opt_state: Any
     rng: jax.Array  # uint32[2]: the run's key; every random draw is folded from it
-
-
-class ConfigError(ValueError):
-    """The configuration asks for something that does not exist or cannot work; the message names the choices."""
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ from wcord_jax import distill_modules as dm
 from wcord_jax import losses
 from wcord_jax.distillers import register
 from wcord_jax.distillers.base import Distiller, StepInputs, Term, apply_with_batch_stats, zero_term
-from wcord_jax.train import AXIS
+from wcord_jax.core import AXIS
 
 
 class AB(Distiller):

@@ -7,7 +7,7 @@ from wcord_jax import losses
 from wcord_jax.distillers import register
 from wcord_jax.distillers.base import Distiller, StepInputs, Term, f32, zero_term
 from wcord_jax.losses.fsp import check_fsp_shapes
-from wcord_jax.train import ConfigError
+from wcord_jax.core import ConfigError
 
 
 class FSP(Distiller):

@@ -25,7 +25,7 @@ from wcord_jax import heads, losses
 from wcord_jax.distillers import register
 from wcord_jax.distillers.base import Distiller, StepInputs, Term
 from wcord_jax.distillers.crd import check_negatives, contrast_idx, embed_heads
-from wcord_jax.train import ConfigError
+from wcord_jax.core import ConfigError
 
 LIPSCHITZ = ("spectral", "gradient_penalty", "none")
 NEGATIVES = ("queue", "batch", "memory")
