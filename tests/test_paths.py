@@ -1,9 +1,9 @@
-"""Workdirs as local paths or `gs://` URIs: every file of a run goes through `etils.epath`.
+"""Workdirs as local paths or `gs://` URIs: every file of a run goes through `etils.epath` (`wcord_jax.paths`).
 
-There is no offline GCS, so the `gs://` tests run against a fake: `epath.testing.mock_epath` routes every epath call
-to a local folder standing for the bucket (and epath is told TensorFlow is absent, so that `gs://` does not go to
-`tf.io.gfile`). That covers the run's own files (config.json, metrics.jsonl, TensorBoard events, finding a teacher's
-checkpoints); orbax writes arrays to `gs://` through tensorstore's own GCS driver, which no fake reaches.
+The `gs://` tests talk to a real GCS-compatible server started on a loopback port (conftest's `gcs_server`): epath
+reaches it through gcsfs, orbax's arrays through tensorstore, each by its own emulator setting; what landed in the
+bucket is read back over the server's JSON API with plain HTTP, not through the clients under test. The command-line
+runs on `gs://` (a resumed teacher, a student of a `gs://` teacher, the tools) are in test_gcs_runs.py.
 """
 import json
 import os
@@ -11,43 +11,30 @@ import struct
 import subprocess
 import sys
 import textwrap
-from unittest import mock
+import urllib.parse
+import urllib.request
 
 import pytest
 from etils import epath
-from etils.epath import gpath
 
-from wcord_jax import checkpoint, configs, metrics, train
+from wcord_jax import checkpoint, configs, metrics, paths, train
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.fixture
-def fake_gcs(tmp_path):
-    """`gs://...` paths live under tmp_path/gcs; returns the list of (mode, path) of every open on gs://."""
-    bucket_root = tmp_path / "gcs"
-    bucket_root.mkdir()
-    opened = []
-
-    def local(path):
-        path = os.fspath(path)
-        return str(bucket_root / path[len("gs://"):]) if path.startswith("gs://") else path
-
-    def one_path(fn, path, *args, **kwargs):
-        return fn(local(path), *args, **kwargs)
-
-    def two_paths(fn, path, dst, *args, **kwargs):
-        return fn(local(path), local(dst), *args, **kwargs)
-
-    def open_(fn, path, mode):
-        if os.fspath(path).startswith("gs://"):
-            opened.append((mode, os.fspath(path)))
-        return fn(local(path), mode)
-
-    fns = {name: one_path for name in ("exists", "isdir", "listdir", "makedirs", "mkdir", "remove", "rmtree", "stat")}
-    fns.update(copy=two_paths, rename=two_paths, replace=two_paths, open=open_)
-    with epath.testing.mock_epath(**fns), mock.patch.object(gpath, "_is_tf_installed", lambda: False):
-        yield bucket_root, opened
+def bucket_objects(prefix: str) -> dict:
+    """{object name below `prefix`: its bytes} for a gs://BUCKET/PREFIX, read from the server over its JSON API."""
+    bucket, _, folder = prefix[len("gs://"):].partition("/")
+    host = os.environ["STORAGE_EMULATOR_HOST"]
+    query = urllib.parse.urlencode({"prefix": folder + "/"})
+    with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o?{query}", timeout=30) as r:
+        items = json.load(r).get("items", [])
+    out = {}
+    for item in items:
+        name = urllib.parse.quote(item["name"], safe="")
+        with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o/{name}?alt=media", timeout=30) as r:
+            out[item["name"][len(folder) + 1:]] = r.read()
+    return out
 
 
 def _records(data: bytes) -> list:
@@ -63,12 +50,12 @@ def _records(data: bytes) -> list:
 
 def test_local_paths_are_absolute_and_uris_are_kept(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert os.fspath(metrics.workdir_path("runs/../runs/a")) == os.path.join(str(tmp_path), "runs", "a")
-    assert metrics.is_local("runs/a") and metrics.is_local(str(tmp_path))
-    remote = metrics.workdir_path("gs://bucket/runs/a")
-    assert not metrics.is_local(remote)
+    assert os.fspath(paths.workdir_path("runs/../runs/a")) == os.path.join(str(tmp_path), "runs", "a")
+    assert paths.is_local("runs/a") and paths.is_local(str(tmp_path))
+    remote = paths.workdir_path("gs://bucket/runs/a")
+    assert not paths.is_local(remote)
     assert os.fspath(remote / "checkpoints" / "last") == "gs://bucket/runs/a/checkpoints/last"
-    assert os.fspath(metrics.workdir_path(remote)) == "gs://bucket/runs/a"
+    assert os.fspath(paths.workdir_path(remote)) == "gs://bucket/runs/a"
 
 
 def test_local_metric_writer_appends_and_writes_tensorboard_events(tmp_path):
@@ -91,40 +78,75 @@ def test_local_metric_writer_appends_and_writes_tensorboard_events(tmp_path):
     assert scalar.summary.value[0].simple_value == pytest.approx(0.5)
 
 
-def test_metric_writer_on_gcs_rewrites_whole_objects(fake_gcs):
-    root, opened = fake_gcs
-    for step in (1, 2):
-        writer = metrics.MetricWriter("gs://bucket/run")
+def test_metric_writer_on_gcs_writes_whole_objects_a_resumed_writer_continues(gcs):
+    run = f"{gcs.root}/run"
+    for step in (1, 2):  # a second writer (a resumed run) continues the same object (GCS has no append)
+        writer = metrics.MetricWriter(run)
         writer.write(step, {"train/loss": 1.0 / step})
         writer.write(step, {"eval/top1": 0.25})
         writer.close()
-    assert [r["step"] for r in metrics.read_metrics("gs://bucket/run")] == [1, 1, 2, 2]
-    assert (root / "bucket" / "run" / "metrics.jsonl").exists()
-    assert opened and all("a" not in mode for mode, _ in opened)  # object storage has no append
-    events = [p for p in (root / "bucket" / "run").iterdir() if p.name.startswith("events.out.tfevents.")]
-    assert len(events) == 2 and all(len(_records(p.read_bytes())) == 3 for p in events)
+    assert [r["step"] for r in metrics.read_metrics(run)] == [1, 1, 2, 2]
+    objects = bucket_objects(run)
+    assert [json.loads(l)["step"] for l in objects["metrics.jsonl"].decode().splitlines()] == [1, 1, 2, 2]
+    events = [name for name in objects if name.startswith("events.out.tfevents.")]
+    assert len(events) == 2 and all(len(_records(objects[name])) == 3 for name in events)
 
 
-def test_config_and_resume_check_on_gcs(fake_gcs):
-    root, _ = fake_gcs
+def test_config_and_resume_check_on_gcs(gcs):
+    run = f"{gcs.root}/run"
     config = configs.teacher_config("resnet8")
-    epath.Path("gs://bucket/run").mkdir(parents=True, exist_ok=True)
-    train._check_resume_matches("gs://bucket/run", config)  # nothing there yet
-    train._write_config("gs://bucket/run", config)
-    assert json.loads((root / "bucket" / "run" / "config.json").read_text())["model"] == "resnet8"
-    train._check_resume_matches("gs://bucket/run", config)
-    with pytest.raises(train.ConfigError, match="gs://bucket/run holds a run with model='resnet8'"):
-        train._check_resume_matches("gs://bucket/run", configs.teacher_config("resnet20"))
+    paths.workdir_path(run).mkdir(parents=True, exist_ok=True)
+    train._check_resume_matches(run, config)  # nothing there yet
+    train._write_config(run, config)
+    assert json.loads(bucket_objects(run)["config.json"])["model"] == "resnet8"
+    train._check_resume_matches(run, config)
+    with pytest.raises(train.ConfigError, match=f"{run} holds a run with model='resnet8'"):
+        train._check_resume_matches(run, configs.teacher_config("resnet20"))
 
 
-def test_checkpoint_dir_finds_a_teacher_on_gcs(fake_gcs):
-    root, _ = fake_gcs
-    (root / "bucket" / "teacher" / "checkpoints" / "last" / "40").mkdir(parents=True)
-    expected = "gs://bucket/teacher/checkpoints/last"
-    for given in ("gs://bucket/teacher", "gs://bucket/teacher/checkpoints", expected):
+def test_checkpoint_dir_finds_a_teacher_on_gcs(gcs):
+    (epath.Path(gcs.root) / "teacher" / "checkpoints" / "last" / "40" / "_CHECKPOINT_METADATA").write_text("{}")
+    expected = f"{gcs.root}/teacher/checkpoints/last"
+    for given in (f"{gcs.root}/teacher", f"{gcs.root}/teacher/checkpoints", expected):
         assert checkpoint.checkpoint_dir(given) == expected
-    with pytest.raises(FileNotFoundError, match="gs://bucket/other/checkpoints/last/<step>"):
-        checkpoint.checkpoint_dir("gs://bucket/other")
+    with pytest.raises(FileNotFoundError, match=f"{gcs.root}/other/checkpoints/last/<step>"):
+        checkpoint.checkpoint_dir(f"{gcs.root}/other")
+
+
+def upload(uri: str, data: bytes) -> None:
+    """Writes an object over the server's JSON API, past gcsfs (as tensorstore or another process would)."""
+    bucket, _, name = uri[len("gs://"):].partition("/")
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    host = os.environ["STORAGE_EMULATOR_HOST"]
+    urllib.request.urlopen(urllib.request.Request(f"{host}/upload/storage/v1/b/{bucket}/o?{query}", data=data),
+                           timeout=30).close()
+
+
+def test_a_listing_sees_what_another_writer_added_since(gcs):
+    """No stale listings: a checkpoint another process (or tensorstore) wrote after this process looked is found."""
+    last = f"{gcs.root}/checkpoints/last"
+    upload(f"{last}/8/_CHECKPOINT_METADATA", b"{}")
+    assert [p.name for p in epath.Path(last).iterdir()] == ["8"]
+    upload(f"{last}/16/_CHECKPOINT_METADATA", b"{}")
+    assert sorted(p.name for p in epath.Path(last).iterdir()) == ["16", "8"]
+
+
+def test_a_checkpoint_round_trips_through_the_bucket(gcs):
+    """orbax on gs://: tensorstore writes the arrays, epath the metadata; the last `keep` are kept."""
+    import numpy as np
+
+    state = {"params": {"w": np.arange(12, dtype=np.float32).reshape(3, 4)}, "batch_stats": {},
+             "step": np.int32(0)}
+    ckpt = checkpoint.Checkpointer(gcs.root, keep=2, async_save=False)
+    try:
+        for step in (1, 2, 3):
+            ckpt.save(step, dict(state, step=np.int32(step)), {"epoch": step})
+    finally:
+        ckpt.close()
+    assert checkpoint.load_meta(gcs.root)["epoch"] == 3
+    np.testing.assert_array_equal(checkpoint.load_variables(gcs.root)["params"]["w"], state["params"]["w"])
+    steps = {name.split("/")[2] for name in bucket_objects(gcs.root) if name.startswith("checkpoints/last/")}
+    assert steps == {"2", "3"}
 
 
 def test_local_checkpoint_dir_is_absolute(tmp_path, monkeypatch):

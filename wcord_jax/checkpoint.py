@@ -4,7 +4,7 @@ Each checkpoint holds the whole train state (parameters, batch statistics, optim
 method state) and a small JSON record (epoch, accuracy, model name). A finished run's directory is what later runs
 load by path (`load_variables`).
 
-Workdirs may be local paths or `gs://` URIs (`metrics.workdir_path`). With several processes, every process makes the
+Workdirs may be local paths or `gs://` URIs (`wcord_jax.paths`). With several processes, every process makes the
 same calls (save, restore, close) and orbax writes and reads each process's own shards.
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from wcord_jax.metrics import PathLike, workdir_path
+from wcord_jax.paths import PathLike, workdir_path
 
 log = logging.getLogger("wcord_jax")
 

@@ -221,8 +221,7 @@ def write_run(workdir: str, config, variables: dict, meta_extra: dict) -> None:
     import jax
 
     from wcord_jax import checkpoint as ckpt_lib
-    from wcord_jax import metrics as metrics_lib
-    from wcord_jax import models, train
+    from wcord_jax import models, paths, train
     from wcord_jax.data import sources
 
     channels = 3
@@ -238,14 +237,14 @@ def write_run(workdir: str, config, variables: dict, meta_extra: dict) -> None:
             "dataset": config.dataset.name, "num_classes": int(config.dataset.num_classes),
             "classes": [int(c) for c in classes] if classes is not None else None, "view": "identity",
             "view_mean": [float(v) for v in mean], "view_std": [float(v) for v in std], **meta_extra}
-    metrics_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+    paths.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     ckpt = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
     try:
         ckpt.save(0, state, meta)
     finally:
         ckpt.close()
-    (metrics_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
-                                                                     encoding="utf-8")
+    (paths.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
+                                                             encoding="utf-8")
 
 
 def evaluate(config, variables: dict) -> dict:

@@ -1,9 +1,9 @@
 """Where results go: `metrics.jsonl`, TensorBoard event files and the terminal.
 
 Only process 0 writes. Workdirs are local paths or URIs such as `gs://bucket/runs/x` (Cloud TPU): every file of a
-run goes through `etils.epath` (`workdir_path`), which reaches remote storage through `tf.io.gfile` or fsspec and
-local paths through `os`. TensorBoard files are written with the `tensorboard` package's record format alone (no
-TensorFlow); without that package the JSON lines are still written.
+run goes through `etils.epath` (`wcord_jax.paths`: `gs://` through gcsfs, local paths through `os`). TensorBoard
+files are written with the `tensorboard` package's record format alone (no TensorFlow); without that package the JSON
+lines are still written.
 """
 from __future__ import annotations
 
@@ -15,24 +15,14 @@ import os
 import socket
 import sys
 import time
-from typing import Any, Mapping, Optional, Union
+from typing import Any, Mapping, Optional
 
 from etils import epath
 
+from wcord_jax.paths import PathLike, is_local, workdir_path
+
 log = logging.getLogger("wcord_jax")
 _EVENT_FILE_IDS = itertools.count()  # keeps event file names unique within a process (as tensorboard's own writer)
-PathLike = Union[str, os.PathLike]
-
-
-def is_local(path: PathLike) -> bool:
-    """False for a URI (`gs://...`, `s3://...`), True for a path on this machine's file system."""
-    return "://" not in os.fspath(path)
-
-
-def workdir_path(path: PathLike) -> epath.Path:
-    """`path` as an `epath.Path`: a local path made absolute as `os.path.abspath` does, a URI left as it is."""
-    path = os.fspath(path)
-    return epath.Path(os.path.abspath(path) if is_local(path) else path)
 
 
 class _WholeObjectFile:

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from wcord_jax import metrics as metrics_lib
-from wcord_jax import rundir
+from wcord_jax import paths, rundir
 
 USAGE_ERROR = 2
 # train/<key> entries that are not loss terms.
@@ -64,7 +64,7 @@ def _save(fig, out: str) -> str:
 
 
 def _check_workdir(workdir: str) -> None:
-    if not metrics_lib.workdir_path(workdir).is_dir():
+    if not paths.workdir_path(workdir).is_dir():
         raise PictureError(f"no such workdir: {workdir}")
 
 
@@ -75,7 +75,7 @@ def _check_workdir(workdir: str) -> None:
 def load_run(workdir: str) -> list[dict]:
     """The events of a run's metrics.jsonl; PictureError if there are none."""
     _check_workdir(workdir)
-    path = metrics_lib.workdir_path(workdir) / "metrics.jsonl"
+    path = paths.workdir_path(workdir) / "metrics.jsonl"
     if not path.is_file():
         raise PictureError(f"{workdir} has no metrics.jsonl (is it a wcord_jax workdir?)")
     try:

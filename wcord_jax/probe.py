@@ -31,7 +31,7 @@ import optax
 from wcord_jax import configs as configs_lib
 from wcord_jax import data as data_lib
 from wcord_jax import metrics as metrics_lib
-from wcord_jax import rundir
+from wcord_jax import paths, rundir
 from wcord_jax.data import augment as aug
 from wcord_jax.data import sources
 from wcord_jax.data.sources import ArrayData, DataNotFoundError
@@ -91,7 +91,7 @@ def load_network(path: str, which: str = "last") -> dict:
     if not path:
         raise ConfigError("--config.student.checkpoint=DIR is required: the workdir of a finished teacher or "
                           "distillation run")
-    if not rundir.workdir_path(path).is_dir():
+    if not paths.workdir_path(path).is_dir():
         raise ConfigError(f"student checkpoint {path} does not exist: pass the workdir of a finished teacher or "
                           f"distillation run")
     if which not in ("last", "best"):
@@ -312,12 +312,11 @@ def _channel_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _check_workdir(workdir: str, source: str) -> None:
-    if os.path.abspath(workdir) == os.path.abspath(source):
+    if paths.workdir_path(workdir) == paths.workdir_path(source):
         raise ConfigError("--workdir must not be the probed run's workdir: pass a new directory for the probe")
-    path = os.path.join(workdir, "config.json")
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            task = json.load(f).get("task", "teacher")
+    path = paths.workdir_path(workdir) / "config.json"
+    if path.exists():
+        task = json.loads(path.read_text(encoding="utf-8")).get("task", "teacher")
         if task != "probe":
             raise ConfigError(f"{workdir} holds a {task!r} run: use another --workdir for the probe")
 
@@ -362,10 +361,10 @@ def probe_and_evaluate(config, workdir: str) -> dict:
         mean, std = _channel_stats(train.images)
 
     is_main = jax.process_index() == 0
-    os.makedirs(workdir, exist_ok=True)
+    out = paths.workdir_path(workdir)
+    out.mkdir(parents=True, exist_ok=True)
     if is_main:
-        with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-            f.write(config.to_json_best_effort(indent=2) + "\n")
+        (out / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n", encoding="utf-8")
         log.info("linear probe: %s (%s run %s, epoch %s) on %s: %d train / %d test images %s -> %dx%d",
                  net["model_name"], net["task"], source, net["epoch"], describe, len(train), len(test),
                  "x".join(map(str, train.images.shape[1:])), image_size, image_size)
@@ -390,7 +389,8 @@ def probe_and_evaluate(config, workdir: str) -> dict:
         "num_classes": num_classes, "num_train": len(train), "num_test": len(test),
         "heldout_classes": list(p.heldout_classes) if config.dataset.name == "fashion_mnist_heldout" else None,
         "image_size": image_size, "feature_dim": int(f_train.shape[1]),
-        "source": {"workdir": os.path.abspath(source), "task": net["task"], "model": net["model_name"],
+        "source": {"workdir": os.fspath(paths.workdir_path(source)), "task": net["task"],
+                   "model": net["model_name"],
                    "dataset": net["dataset"], "classes": list(net["classes"]) if net["classes"] else None,
                    "checkpoint": config.student.which, "epoch": net["epoch"]},
         "recipe": {"normalization": p.normalization, "resize_method": p.resize_method, "standardize": p.standardize,
@@ -409,9 +409,7 @@ def probe_and_evaluate(config, workdir: str) -> dict:
             writer.write(p.num_epochs, {k: v for k, v in summary.items() if k.startswith("probe/")})
         finally:
             writer.close()
-        with open(os.path.join(workdir, SUMMARY_FILE), "w", encoding="utf-8") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
         log.info("linear probe of %s on %s: test top-1 %.4f, train top-1 %.4f (%d classes, chance %.4f; %d-d "
                  "features)", net["model_name"], describe, test_top1, train_top1, num_classes, 1.0 / num_classes,
                  f_train.shape[1])

@@ -16,7 +16,7 @@ import os
 from typing import Any, Optional
 
 from wcord_jax.core import ConfigError
-from wcord_jax.metrics import PathLike, workdir_path
+from wcord_jax.paths import PathLike, workdir_path
 
 TASKS = ("teacher", "distill")  # the runs that train a network
 

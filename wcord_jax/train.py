@@ -29,7 +29,7 @@ from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import data as data_lib
 from wcord_jax import feeds, host
 from wcord_jax import metrics as metrics_lib
-from wcord_jax import models, parallel
+from wcord_jax import models, parallel, paths
 from wcord_jax import views as views_lib
 from wcord_jax.core import AXIS, ConfigError  # noqa: F401 (train.ConfigError: the same class)
 from wcord_jax.core import INIT_STREAM as _INIT_STREAM
@@ -265,12 +265,12 @@ class _FiniteWatch:
 
 
 def _write_config(workdir: str, config) -> None:
-    (metrics_lib.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
-                                                                     encoding="utf-8")
+    (paths.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
+                                                       encoding="utf-8")
 
 
 def _check_resume_matches(workdir: str, config) -> None:
-    path = metrics_lib.workdir_path(workdir) / "config.json"
+    path = paths.workdir_path(workdir) / "config.json"
     if not path.exists():
         return
     old = json.loads(path.read_text(encoding="utf-8"))
@@ -338,7 +338,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
     num_epochs = config.num_epochs + extra_epochs
     total_steps = steps_per_epoch * num_epochs
     is_main = jax.process_index() == 0
-    metrics_lib.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
+    paths.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     _check_resume_matches(workdir, config)
     parallel.sync("wcord_jax:config_checked")  # every process read config.json before process 0 rewrites it
     # Copy first: leaves that share one buffer (equal constants) cannot both be donated to the step.
