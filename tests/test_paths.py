@@ -17,7 +17,7 @@ import urllib.request
 import pytest
 from etils import epath
 
-from wcord_jax import checkpoint, configs, metrics, paths, train
+from wcord_jax import checkpoint, configs, metrics, paths, rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -96,12 +96,12 @@ def test_config_and_resume_check_on_gcs(gcs):
     run = f"{gcs.root}/run"
     config = configs.teacher_config("resnet8")
     paths.workdir_path(run).mkdir(parents=True, exist_ok=True)
-    train._check_resume_matches(run, config)  # nothing there yet
-    train._write_config(run, config)
+    rundir.check_resume_matches(run, config)  # nothing there yet
+    rundir.write_config(run, config)
     assert json.loads(bucket_objects(run)["config.json"])["model"] == "resnet8"
-    train._check_resume_matches(run, config)
-    with pytest.raises(train.ConfigError, match=f"{run} holds a run with model='resnet8'"):
-        train._check_resume_matches(run, configs.teacher_config("resnet20"))
+    rundir.check_resume_matches(run, config)
+    with pytest.raises(rundir.RunDirError, match=f"{run} holds a run with model='resnet8'"):
+        rundir.check_resume_matches(run, configs.teacher_config("resnet20"))
 
 
 def test_checkpoint_dir_finds_a_teacher_on_gcs(gcs):

@@ -24,8 +24,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from wcord_jax import checkpoint as ckpt_lib
-from wcord_jax import distillers, feeds, heads, losses, models, parallel, train
+from wcord_jax import distillers, feeds, heads, losses, models, parallel, rundir, train
 from wcord_jax import views as views_lib
 from wcord_jax.distillers._ensemble import PerTeacher
 from wcord_jax.distillers.base import StepInputs
@@ -36,7 +35,6 @@ from wcord_jax.core import STATE_STREAM as _STATE_STREAM
 
 log = logging.getLogger("wcord_jax")
 # The student's classifier, by the zoo's parameter names; an init stage with 'student_features' trains all else.
-CLASSIFIER_NAMES = ("fc", "linear", "classifier")
 
 
 @flax.struct.dataclass
@@ -103,16 +101,19 @@ def teacher_paths(config) -> list[str]:
     return [p.strip() for p in str(config.teacher.checkpoint or "").split(",") if p.strip()]
 
 
+def _teacher_error(config, path: str, e: rundir.RunDirError) -> ConfigError:
+    """A teacher's checkpoint error with what to do about it."""
+    if isinstance(e, rundir.CheckpointDamaged):
+        return ConfigError(f"{e}: copy the teacher run again or retrain it")
+    return ConfigError(f"{e}; train one with --config configs/teacher.py:{config.teacher.model} --workdir {path}")
+
+
 def teacher_meta(config, path: str) -> dict:
     """The metadata of the teacher run in `path` (its model, data set, classes and view); clear errors."""
     try:
-        meta = ckpt_lib.load_meta(path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"teacher checkpoint not found: {e}; train one with --config configs/teacher.py:"
-                          f"{config.teacher.model} --workdir {path}") from e
-    except Exception as e:  # a damaged checkpoint
-        raise ConfigError(f"the teacher checkpoint in {path} cannot be read ({ckpt_lib.reason(e)}): copy the "
-                          "teacher run again or retrain it") from e
+        meta = rundir.read_meta(path, role="teacher ")
+    except rundir.RunDirError as e:
+        raise _teacher_error(config, path, e) from e
     if meta.get("model") not in (None, config.teacher.model):
         raise ConfigError(f"{path} holds a {meta['model']} checkpoint, but teacher.model is {config.teacher.model}")
     return meta
@@ -142,15 +143,6 @@ def teacher_view_input(view: views_lib.View, dataset, metas: list) -> feeds.View
         raise ConfigError(f"teacher.view: {e}") from None
 
 
-def _num_classes(variables, default: int) -> int:
-    """The classifier's output size in a network's variables."""
-    params = variables.get("params", {})
-    for name in CLASSIFIER_NAMES:
-        if name in params and "bias" in params[name]:
-            return int(params[name]["bias"].shape[-1])
-    return default
-
-
 def _same_task(meta: dict, num_classes: int, config, dataset) -> bool:
     if num_classes != dataset.num_classes:
         return False
@@ -166,19 +158,12 @@ def _same_task(meta: dict, num_classes: int, config, dataset) -> bool:
 def load_teacher(config, path: str, meta: dict, dataset, image_shape, dtype, view_spec: str = "identity") -> Teacher:
     """The frozen teacher of workdir `path` for inputs of `image_shape`; clear errors."""
     try:
-        variables = ckpt_lib.load_variables(path)
-    except FileNotFoundError as e:
-        raise ConfigError(f"teacher checkpoint not found: {e}") from e
-    except Exception as e:  # a damaged checkpoint: orbax / tensorstore raise many kinds
-        raise ConfigError(f"the teacher checkpoint in {path} cannot be read ({ckpt_lib.reason(e)}): copy the "
-                          "teacher run again or retrain it") from e
-    num_classes = _num_classes(variables, dataset.num_classes)
+        variables = rundir.read_variables(path, role="teacher ")
+    except rundir.RunDirError as e:
+        raise _teacher_error(config, path, e) from e
+    num_classes = rundir.classifier_size(variables) or dataset.num_classes
     teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype)
-    expected = jax.eval_shape(functools.partial(teacher.init, train=False), jax.random.PRNGKey(0),
-                              jnp.zeros((1, *image_shape)))
-    got_shapes = jax.tree.map(lambda x: tuple(x.shape), {k: variables[k] for k in ("params", "batch_stats")})
-    want_shapes = jax.tree.map(lambda x: tuple(x.shape), {k: expected[k] for k in ("params", "batch_stats")})
-    if got_shapes != want_shapes:
+    if not rundir.check_network(teacher, variables, image_shape):
         trained = meta.get("view") or "identity"
         raise ConfigError(f"{path} does not hold a {config.teacher.model} for {num_classes} classes and "
                           f"{image_shape[-1]}-channel images (teacher.view {view_spec} gives {image_shape[-1]} "
@@ -240,7 +225,7 @@ def for_teachers(distiller, num_teachers: int):
 
 
 def _classifier_name(student_params) -> str:
-    names = [k for k in student_params if k in CLASSIFIER_NAMES]
+    names = [k for k in student_params if k in rundir.CLASSIFIER_NAMES]
     if len(names) != 1:
         raise ValueError(f"cannot tell the classifier among the student's parameters {sorted(student_params)}")
     return names[0]

@@ -221,7 +221,7 @@ def write_run(workdir: str, config, variables: dict, meta_extra: dict) -> None:
     import jax
 
     from wcord_jax import checkpoint as ckpt_lib
-    from wcord_jax import models, paths, train
+    from wcord_jax import models, paths, rundir, train
     from wcord_jax.data import sources
 
     channels = 3
@@ -243,8 +243,7 @@ def write_run(workdir: str, config, variables: dict, meta_extra: dict) -> None:
         ckpt.save(0, state, meta)
     finally:
         ckpt.close()
-    (paths.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
-                                                             encoding="utf-8")
+    rundir.write_config(workdir, config)
 
 
 def evaluate(config, variables: dict) -> dict:

@@ -3,8 +3,13 @@ teacher or distillation run wrote there, read one way by every tool.
 
     from wcord_jax import rundir
     config = rundir.read_config(workdir)           # its config.json, as a dict
+    events = rundir.read_events(workdir)           # its metrics.jsonl, oldest first
+    meta = rundir.read_meta(workdir)               # its newest checkpoint's metadata (epoch, view, classes, ...)
     net = rundir.load_network(workdir)             # the network it trained: the student of a distillation run
     logits, _ = net.model.apply(net.variables, images, train=False)
+
+Distillation reads its teachers through `read_meta`, `read_variables` and `check_network`; the probe, the pictures,
+summary, the study and import_teacher through the rest.
 
 Errors are `RunDirError` (a `ConfigError`): one line naming the workdir and what is missing or wrong.
 """
@@ -25,6 +30,14 @@ class RunDirError(ConfigError):
     """A workdir that is missing, holds no run, or holds something other than its config.json says."""
 
 
+class CheckpointMissing(RunDirError):
+    """The workdir holds no finished checkpoint."""
+
+
+class CheckpointDamaged(RunDirError):
+    """The newest checkpoint exists but cannot be read (a killed copy, a full disk)."""
+
+
 def read_config(workdir: PathLike) -> dict:
     """The resolved config the run wrote to WORKDIR/config.json, as a plain dict."""
     path = workdir_path(workdir)
@@ -38,6 +51,84 @@ def read_config(workdir: PathLike) -> dict:
         return json.loads(config.read_text(encoding="utf-8"))
     except ValueError as e:
         raise RunDirError(f"{os.fspath(workdir)}/config.json is not JSON ({e})") from e
+
+
+def write_config(workdir: PathLike, config) -> None:
+    """WORKDIR/config.json: the run's resolved config (an ml_collections ConfigDict)."""
+    (workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n", encoding="utf-8")
+
+
+def check_resume_matches(workdir: PathLike, config) -> None:
+    """RunDirError unless the run already in WORKDIR (if any) trains the same model, task and method as `config`."""
+    old = existing_config(workdir)
+    for key in ("model", "task", "method"):
+        if old is not None and key in old and old[key] != config.get(key):
+            raise RunDirError(f"{os.fspath(workdir)} holds a run with {key}={old[key]!r}, not "
+                              f"{config.get(key)!r}: use another --workdir")
+
+
+def existing_config(workdir: PathLike) -> Optional[dict]:
+    """WORKDIR/config.json as a dict, or None where the workdir or its config.json does not exist yet."""
+    path = workdir_path(workdir) / "config.json"
+    return read_config(workdir) if path.exists() else None
+
+
+def read_events(workdir: PathLike) -> list[dict]:
+    """The events of the run's metrics.jsonl, oldest first; none before the run has logged."""
+    from wcord_jax import metrics
+
+    return metrics.read_metrics(workdir) if (workdir_path(workdir) / "metrics.jsonl").exists() else []
+
+
+def _read_checkpoint(read, workdir: PathLike, which: str, role: str):
+    from wcord_jax import checkpoint as ckpt_lib
+
+    try:
+        return read(workdir, which)
+    except FileNotFoundError as e:
+        raise CheckpointMissing(f"{role}checkpoint not found: {e}") from e
+    except Exception as e:  # a damaged checkpoint: orbax / tensorstore raise many kinds
+        raise CheckpointDamaged(f"the {role}checkpoint in {os.fspath(workdir)} cannot be read "
+                                f"({ckpt_lib.reason(e)})") from e
+
+
+def read_meta(workdir: PathLike, which: str = "last", role: str = "") -> dict:
+    """The metadata of the run's newest `which` ('last' or 'best') checkpoint; `role` ('teacher ', say) names the
+    checkpoint in the errors."""
+    from wcord_jax import checkpoint as ckpt_lib
+
+    return _read_checkpoint(ckpt_lib.load_meta, workdir, which, role)
+
+
+def read_variables(workdir: PathLike, which: str = "last", role: str = "") -> dict:
+    """`{'params', 'batch_stats'}` of the run's newest `which` checkpoint as host arrays (for a distillation run
+    its params hold the student and the method's modules: `load_network` gives the student alone)."""
+    from wcord_jax import checkpoint as ckpt_lib
+
+    return _read_checkpoint(ckpt_lib.load_variables, workdir, which, role)
+
+
+CLASSIFIER_NAMES = ("fc", "linear", "classifier")  # the zoo's names for a network's last layer
+
+
+def classifier_size(variables: dict) -> Optional[int]:
+    """The number of outputs of the classifier in a network's variables (None if it has none the zoo names)."""
+    params = variables.get("params", {})
+    for name in CLASSIFIER_NAMES:
+        if name in params and "bias" in params[name]:
+            return int(params[name]["bias"].shape[-1])
+    return None
+
+
+def check_network(model, variables: dict, image_shape) -> bool:
+    """Whether `variables` ({'params', 'batch_stats'}) have the shapes `model` has for images of `image_shape`."""
+    import jax
+    import jax.numpy as jnp
+
+    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *image_shape)), train=False))
+    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
+    got = {k: variables.get(k) or {} for k in ("params", "batch_stats")}
+    return shapes(got) == shapes({k: expected.get(k, {}) for k in ("params", "batch_stats")})
 
 
 def trained_data(config: dict) -> tuple[str, int, tuple[int, int, int], Optional[tuple]]:
@@ -84,7 +175,6 @@ def load_network(workdir: PathLike, which: str = "last", dtype=None, num_classes
     import jax
     import jax.numpy as jnp
 
-    from wcord_jax import checkpoint as ckpt_lib
     from wcord_jax import models
 
     config = read_config(workdir)
@@ -99,13 +189,8 @@ def load_network(workdir: PathLike, which: str = "last", dtype=None, num_classes
         raise RunDirError(f"{os.fspath(workdir)}/config.json names an unknown model {name!r}")
     if num_classes is None:
         num_classes = trained_data(config)[1]
-    try:
-        meta = ckpt_lib.load_meta(workdir, which)
-        variables = ckpt_lib.load_variables(workdir, which)
-    except FileNotFoundError as e:
-        raise RunDirError(f"checkpoint not found: {e}") from e
-    except Exception as e:  # a damaged checkpoint: orbax / tensorstore raise many kinds
-        raise RunDirError(f"the checkpoint in {os.fspath(workdir)} cannot be read ({ckpt_lib.reason(e)})") from e
+    meta = read_meta(workdir, which)
+    variables = read_variables(workdir, which)
     if meta.get("model") not in (None, name):
         raise RunDirError(f"{os.fspath(workdir)} holds a {meta['model']} checkpoint, but its config.json says {name}")
     params = variables["params"]
@@ -114,9 +199,7 @@ def load_network(workdir: PathLike, which: str = "last", dtype=None, num_classes
     variables = {"params": params, "batch_stats": variables.get("batch_stats") or {}}
     model = models.get_model(name, num_classes, dtype=dtype or jnp.float32)
     shape = _input_shape(config, meta)
-    expected = jax.eval_shape(lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, *shape)), train=False))
-    shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
-    if shapes(variables) != shapes({k: expected.get(k, {}) for k in ("params", "batch_stats")}):
+    if not check_network(model, variables, shape):
         raise RunDirError(f"{os.fspath(workdir)} does not hold a {name} for {num_classes} classes and "
                           f"{shape[-1]}-channel images, as its config.json says (its parameters have other shapes)")
     return Network(os.fspath(workdir), task, name, model, jax.tree.map(jnp.asarray, variables), int(num_classes),

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 
-from wcord_jax import metrics, rundir
+from wcord_jax import rundir
 
 
 def summarise(workdir: str) -> dict:
@@ -16,7 +16,7 @@ def summarise(workdir: str) -> dict:
         config = rundir.read_config(workdir)
     except rundir.RunDirError as e:
         raise FileNotFoundError(str(e)) from e
-    events = metrics.read_metrics(workdir)
+    events = rundir.read_events(workdir)
     evals = {}
     teacher_top1 = None
     for e in events:

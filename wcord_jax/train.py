@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import json
 import logging
 import signal
 import time
@@ -29,7 +28,7 @@ from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import data as data_lib
 from wcord_jax import feeds, host
 from wcord_jax import metrics as metrics_lib
-from wcord_jax import models, parallel, paths
+from wcord_jax import models, parallel, paths, rundir
 from wcord_jax import views as views_lib
 from wcord_jax.core import AXIS, ConfigError  # noqa: F401 (train.ConfigError: the same class)
 from wcord_jax.core import INIT_STREAM as _INIT_STREAM
@@ -264,22 +263,6 @@ class _FiniteWatch:
                 f"{why}, and nothing was saved from that state: {kept}")
 
 
-def _write_config(workdir: str, config) -> None:
-    (paths.workdir_path(workdir) / "config.json").write_text(config.to_json_best_effort(indent=2) + "\n",
-                                                       encoding="utf-8")
-
-
-def _check_resume_matches(workdir: str, config) -> None:
-    path = paths.workdir_path(workdir) / "config.json"
-    if not path.exists():
-        return
-    old = json.loads(path.read_text(encoding="utf-8"))
-    for key in ("model", "task", "method"):
-        if key in old and old[key] != config.get(key):
-            raise ConfigError(f"{workdir} holds a run with {key}={old[key]!r}, not {config.get(key)!r}: "
-                              f"use another --workdir")
-
-
 def setup_run(config, validate: Callable, extra_features: tuple = ()) -> tuple:
     """The mesh, activation dtype, data set and feed of a run, after `validate(config, num_devices)`. The feed
     gives the trained network `config.view`; `extra_features` are further data-set features to read (another
@@ -339,7 +322,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
     total_steps = steps_per_epoch * num_epochs
     is_main = jax.process_index() == 0
     paths.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-    _check_resume_matches(workdir, config)
+    rundir.check_resume_matches(workdir, config)
     parallel.sync("wcord_jax:config_checked")  # every process read config.json before process 0 rewrites it
     # Copy first: leaves that share one buffer (equal constants) cannot both be donated to the step.
     state = parallel.place(jax.tree.map(jnp.copy, state), mesh, state_spec)
@@ -351,7 +334,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
         log.info("resumed from step %d (epoch %d) in %s", int(state.step), int(state.step) // steps_per_epoch,
                  workdir)
     if is_main:
-        _write_config(workdir, config)
+        rundir.write_config(workdir, config)
         if host.NOTE and jax.default_backend() == "cpu":  # after every config check: an error stays one line
             log.info("%s", host.NOTE)
         log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,

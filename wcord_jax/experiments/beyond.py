@@ -34,6 +34,7 @@ import ml_collections
 import numpy as np
 
 from wcord_jax import configs as configs_lib
+from wcord_jax import rundir
 from wcord_jax.experiments import study
 
 log = logging.getLogger("wcord_jax")
@@ -183,7 +184,7 @@ def collect(config, workdir: str) -> dict:
     cpu = host.cpu_model()
     out = {"teachers": {}, "cells": {}, "cpu": cpu, "earlier": {}}
     for run in plan(config, workdir):
-        events = study.read_events(run["workdir"])
+        events = rundir.read_events(run["workdir"])
         curve = study.curve_from_events(events)
         if len(curve) < study._total_epochs(run["config"]):  # noqa: SLF001
             continue

@@ -45,7 +45,7 @@ import ml_collections
 import numpy as np
 
 from wcord_jax import configs as configs_lib
-from wcord_jax import distillers
+from wcord_jax import distillers, rundir
 
 log = logging.getLogger("wcord_jax")
 
@@ -233,11 +233,9 @@ def _lookup(tree, path: str):
 
 def stale_reason(run: dict) -> Optional[str]:
     """Why the run's workdir holds a run of another protocol (its config.json disagrees with the plan), or None."""
-    path = os.path.join(run["workdir"], "config.json")
-    if not os.path.exists(path):
+    old = rundir.existing_config(run["workdir"])
+    if old is None:
         return None
-    with open(path, encoding="utf-8") as f:
-        old = json.load(f)
     new = json.loads(run["config"].to_json_best_effort())
     for key in _MATCH_KEYS:
         if key == "wcord" and new.get("method") not in ("wcord", "wcordkd"):
@@ -247,15 +245,6 @@ def stale_reason(run: dict) -> Optional[str]:
             return f"{run['workdir']} holds a run with {found[0]}={json.dumps(found[1])}, the study plans " \
                    f"{json.dumps(found[2])}"
     return None
-
-
-def read_events(run_dir: str) -> list[dict]:
-    """The events of a run's metrics.jsonl, oldest first; none before the run has logged."""
-    from wcord_jax import metrics
-
-    if not os.path.exists(os.path.join(run_dir, "metrics.jsonl")):
-        return []
-    return metrics.read_metrics(run_dir)
 
 
 def curve_from_events(events: list[dict]) -> list[float]:
@@ -269,7 +258,7 @@ def curve_from_events(events: list[dict]) -> list[float]:
 
 def read_curve(run_dir: str) -> list[float]:
     """Test top-1 after each epoch of a run (the last value logged for each epoch)."""
-    return curve_from_events(read_events(run_dir))
+    return curve_from_events(rundir.read_events(run_dir))
 
 
 def _total_epochs(cfg) -> int:
