@@ -12,7 +12,7 @@ import pytest
 
 from conftest import SMALL_TEACHER, small_distill_config
 from test_step_records import case_config
-from wcord_jax import configs, distill, distillers, train
+from wcord_jax import configs, core, distill, distillers
 from wcord_jax.distillers.dkd import warmup_weight
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -92,7 +92,7 @@ def test_baseline_runs_from_the_cli_on_two_devices_like_one(teachers, shared_fir
 def test_fsp_needs_equal_channels(teachers, tmp_path):
     config = small_distill_config("fsp", teachers)
     config.teacher.model, config.teacher.checkpoint = "resnet8x4", teachers["resnet8x4"]
-    with pytest.raises(train.ConfigError, match="fsp cannot pair resnet8x4 with resnet8"):
+    with pytest.raises(core.ConfigError, match="fsp cannot pair resnet8x4 with resnet8"):
         distill.distill_and_evaluate(config, str(tmp_path))
 
 

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import shrink
-from wcord_jax import checkpoint, configs, data, distill, feeds, losses, parallel, train
+from wcord_jax import checkpoint, configs, core, data, distill, feeds, losses, metrics, parallel, train
 
 SMALL = dict(num_train=128, num_test=32, image_size=16, num_classes=4)
 
@@ -121,19 +121,19 @@ def test_a_step_leaves_the_teacher_unchanged(teacher_dir):
 
 def test_missing_or_mismatched_teacher_checkpoint_is_a_clear_error(teacher_dir, tmp_path):
     config = _distill_config("kd", str(tmp_path / "nowhere"))
-    with pytest.raises(train.ConfigError, match="teacher checkpoint not found"):
+    with pytest.raises(core.ConfigError, match="teacher checkpoint not found"):
         distill.distill_and_evaluate(config, str(tmp_path / "w1"))
     config = _distill_config("kd", teacher_dir)
     config.teacher.model = "resnet14"
-    with pytest.raises(train.ConfigError, match="holds a resnet8 checkpoint"):
+    with pytest.raises(core.ConfigError, match="holds a resnet8 checkpoint"):
         distill.distill_and_evaluate(config, str(tmp_path / "w2"))
     config = _distill_config("kd", teacher_dir)
     config.dataset.num_classes = 7  # a teacher of 4 classes: another label space, KD refused
-    with pytest.raises(train.ConfigError, match="trained on another task .*alpha=0.9 weights KD"):
+    with pytest.raises(core.ConfigError, match="trained on another task .*alpha=0.9 weights KD"):
         distill.distill_and_evaluate(config, str(tmp_path / "w3"))
     config = _distill_config("kd", teacher_dir)
     config.dataset.num_channels = 1  # the teacher was trained on 3-channel images
-    with pytest.raises(train.ConfigError, match="does not hold a resnet8 for 4 classes and 1-channel images"):
+    with pytest.raises(core.ConfigError, match="does not hold a resnet8 for 4 classes and 1-channel images"):
         distill.distill_and_evaluate(config, str(tmp_path / "w4"))
 
 
@@ -150,7 +150,7 @@ def test_every_method_runs_and_logs_its_terms(teacher_dir, tmp_path, method):
     config = _distill_config(method, teacher_dir, num_devices=2)
     result = distill.distill_and_evaluate(config, str(tmp_path))
     assert 0.0 <= result["eval/top1"] <= 1.0
-    events = train.metrics_lib.read_metrics(str(tmp_path))
+    events = metrics.read_metrics(str(tmp_path))
     assert "teacher/top1" in events[0]
     keys = set().union(*[e for e in events if "train/loss" in e])
     expected = {"none": set(), "kd": set(), "crd": {"train/crd"}, "crdkd": {"train/crd"},
@@ -222,7 +222,7 @@ def test_a_few_steps_lower_each_term_of_the_method(teacher_dir, method):
 def test_bad_wcord_settings_are_one_clear_error(key, value, message):
     config = _distill_config("wcord", "/nonexistent")
     config.wcord[key] = value
-    with pytest.raises(train.ConfigError, match=f"^{message}$"):
+    with pytest.raises(core.ConfigError, match=f"^{message}$"):
         distill.validate(config, 1)
 
 

@@ -15,7 +15,8 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
-from wcord_jax import configs, data, feeds, parallel, train
+from wcord_jax import configs, core, data, feeds, loop, models, optim, parallel, train
+from wcord_jax import step as step_lib
 
 pytestmark = pytest.mark.slow  # the command line
 
@@ -86,8 +87,8 @@ def _tiny_feed_and_state():
     mesh = parallel.make_mesh(2)
     ds = data.load(config.dataset, 0)
     feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
-    model = train.models.get_model("resnet8", ds.num_classes, axis_name="data")
-    tx = train.make_optimizer(config, feed.steps_per_epoch)
+    model = models.get_model("resnet8", ds.num_classes, axis_name="data")
+    tx = optim.make_optimizer(config, feed.steps_per_epoch)
     state = train.create_train_state(jax.random.PRNGKey(0), model, tx, ds.image_shape)
     return feed, mesh, model, tx, state
 
@@ -106,11 +107,11 @@ def test_skip_drops_the_update_of_a_non_finite_step_on_every_device():
     before = jax.device_get(placed)
     s1, m1 = runs["skip"](placed, feed.images, feed.labels, parallel.shard_batch(order[0:1], mesh, P(None, "data")))
     after_good = jax.device_get(s1)
-    assert float(m1[feeds.NONFINITE][0]) == 0.0 and int(after_good.step) == 1
+    assert float(m1[step_lib.NONFINITE][0]) == 0.0 and int(after_good.step) == 1
     assert not np.array_equal(before.params["fc"]["kernel"], after_good.params["fc"]["kernel"])
     s2, m2 = runs["skip"](s1, feed.images, feed.labels, parallel.shard_batch(order[1:2], mesh, P(None, "data")))
     after_bad = jax.device_get(s2)
-    assert float(m2[feeds.NONFINITE][0]) == 1.0 and int(after_bad.step) == 2  # counted, the counter moves on
+    assert float(m2[step_lib.NONFINITE][0]) == 1.0 and int(after_bad.step) == 2  # counted, the counter moves on
     for a, b in zip(jax.tree.leaves((after_good.params, after_good.batch_stats, after_good.opt_state)),
                     jax.tree.leaves((after_bad.params, after_bad.batch_stats, after_bad.opt_state))):
         np.testing.assert_array_equal(a, b)  # the update was dropped
@@ -118,7 +119,7 @@ def test_skip_drops_the_update_of_a_non_finite_step_on_every_device():
     placed = parallel.place(state, mesh)  # 'stop' flags the step and keeps the step's (non-finite) result
     s1, _ = runs["stop"](placed, feed.images, feed.labels, parallel.shard_batch(order[0:1], mesh, P(None, "data")))
     _, m = runs["stop"](s1, feed.images, feed.labels, parallel.shard_batch(order[1:2], mesh, P(None, "data")))
-    assert float(m[feeds.NONFINITE][0]) == 1.0
+    assert float(m[step_lib.NONFINITE][0]) == 1.0
 
 
 class _NoCheckpoint:
@@ -130,38 +131,38 @@ class _NoCheckpoint:
 def _window(first, rows):
     """A logging window of one dispatch of len(rows) steps: rows of (loss, crd, nonfinite)."""
     loss, crd, bad = (np.array(c, np.float32) for c in zip(*rows))
-    return [(first, {"loss": loss, "ce": np.ones_like(loss), "crd": crd, feeds.NONFINITE: bad})]
+    return [(first, {"loss": loss, "ce": np.ones_like(loss), "crd": crd, step_lib.NONFINITE: bad})]
 
 
 def test_the_watch_names_the_step_the_epoch_and_the_terms():
     config = configs.teacher_config("resnet8")
-    watch = train._FiniteWatch(config, steps_per_epoch=10, ckpt=_NoCheckpoint())
+    watch = loop._FiniteWatch(config, steps_per_epoch=10, ckpt=_NoCheckpoint())
     watch.check(_window(30, [(1.0, 0.5, 0.0), (1.0, 0.5, 0.0)]))
-    with pytest.raises(train.Diverged) as e:
+    with pytest.raises(loop.Diverged) as e:
         watch.check(_window(32, [(1.0, 0.5, 0.0), (np.nan, np.inf, 1.0)]))
     message = str(e.value)
     assert "step 34 (epoch 4) in crd, loss;" in message and "nonfinite=stop" in message
     assert "the newest checkpoint (step 24) is kept" in message and "\n" not in message
 
-    weights_only = train._FiniteWatch(config, 10, _NoCheckpoint())
-    with pytest.raises(train.Diverged, match="in the updated weights"):
+    weights_only = loop._FiniteWatch(config, 10, _NoCheckpoint())
+    with pytest.raises(loop.Diverged, match="in the updated weights"):
         weights_only.check(_window(0, [(1.0, 0.5, 1.0)]))
 
 
 def test_skip_counts_bad_steps_and_stops_after_the_limit_in_a_row():
     config = configs.teacher_config("resnet8")
     config.nonfinite, config.nonfinite_skip_limit = "skip", 3
-    watch = train._FiniteWatch(config, 10, _NoCheckpoint())
+    watch = loop._FiniteWatch(config, 10, _NoCheckpoint())
     watch.check(_window(0, [(np.nan, 0.5, 1.0), (np.nan, 0.5, 1.0), (1.0, 0.5, 0.0), (np.nan, 0.5, 1.0)]))
     assert (watch.skipped, watch.in_a_row) == (3, 1)
     watch.check(_window(4, [(np.nan, 0.5, 1.0)]))
-    with pytest.raises(train.Diverged, match=r"step 6 .* after 3 such steps in a row \(nonfinite_skip_limit=3\)"):
+    with pytest.raises(loop.Diverged, match=r"step 6 .* after 3 such steps in a row \(nonfinite_skip_limit=3\)"):
         watch.check(_window(5, [(np.nan, 0.5, 1.0)]))
     # The logged means leave the skipped steps out and report their fraction.
     host = [m for _, m in _window(0, [(np.nan, 0.5, 1.0), (2.0, 0.5, 0.0), (4.0, 0.5, 0.0), (np.inf, 0.5, 1.0)])]
-    values = train._summarise(host, skip=True)
-    assert values["loss"] == 3.0 and values[feeds.NONFINITE] == 0.5
-    assert feeds.NONFINITE not in train._summarise(host, skip=False)
+    values = loop._summarise(host, skip=True)
+    assert values["loss"] == 3.0 and values[step_lib.NONFINITE] == 0.5
+    assert step_lib.NONFINITE not in loop._summarise(host, skip=False)
 
 
 @pytest.mark.parametrize("key, value, message", [("nonfinite", "ignore", "nonfinite must be one of stop, skip"),
@@ -169,8 +170,8 @@ def test_skip_counts_bad_steps_and_stops_after_the_limit_in_a_row():
 def test_bad_nonfinite_settings_are_refused_naming_the_choices(key, value, message):
     config = configs.teacher_config("resnet8")
     setattr(config, key, value)
-    with pytest.raises(train.ConfigError, match=message):  # main.py turns it into one line, exit status 2
-        train.validate_config(config, 1)
+    with pytest.raises(core.ConfigError, match=message):  # main.py turns it into one line, exit status 2
+        loop.validate_config(config, 1)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -178,7 +179,7 @@ def test_bad_nonfinite_settings_are_refused_naming_the_choices(key, value, messa
 
 
 def test_a_second_signal_during_the_stop_does_not_interrupt_the_save():
-    stop = train._StopRequest()
+    stop = loop._StopRequest()
     with stop:
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.05)

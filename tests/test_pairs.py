@@ -9,7 +9,7 @@ import pytest
 from conftest import shrink
 
 from wcord_jax import configs, data, distill, distillers, feeds, models, parallel
-from wcord_jax.train import ConfigError
+from wcord_jax.core import ConfigError
 
 pytestmark = pytest.mark.slow  # whole steps of the large CIFAR pairs
 

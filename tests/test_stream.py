@@ -9,7 +9,7 @@ import pytest
 
 tfds = pytest.importorskip("tensorflow_datasets")
 
-from wcord_jax import configs, data, feeds, parallel, train  # noqa: E402
+from wcord_jax import configs, data, feeds, optim, parallel, train  # noqa: E402
 
 
 class TinyNet(nn.Module):
@@ -61,7 +61,7 @@ def test_streamed_training_and_eval_match_across_device_counts():
             mesh = parallel.make_mesh(n)
             feed = feeds.StreamFeed(ds, mesh, 8, 8, seed=0)
             model = TinyNet(axis_name=parallel.AXIS)
-            tx = train.make_optimizer(cfg, feed.steps_per_epoch)
+            tx = optim.make_optimizer(cfg, feed.steps_per_epoch)
             state = parallel.replicate(train.create_train_state(jax.random.PRNGKey(0), model, tx, (224, 224, 3)),
                                        mesh)
             run = feed.make_runner(functools.partial(train.train_step, model=model, tx=tx), jnp.float32)

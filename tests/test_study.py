@@ -247,7 +247,7 @@ def _fake_beyond(config, workdir, seeds, rng):
 def test_beyond_report_adds_the_seeds_of_an_earlier_part(tmp_path):
     """An experiment finished in two parts: the second workdir's report holds both parts' seeds, each entry naming
     its file and CPU; a seed the workdir has itself is not replaced; a file that is not a report is one line."""
-    from wcord_jax import host, train
+    from wcord_jax import core, host
     from wcord_jax.experiments import beyond
 
     rng = np.random.default_rng(3)
@@ -276,7 +276,7 @@ def test_beyond_report_adds_the_seeds_of_an_earlier_part(tmp_path):
 
     (tmp_path / "bad.json").write_text("{}")
     second.earlier_results = str(tmp_path / "bad.json")
-    with pytest.raises(train.ConfigError, match="bad.json is not a results_beyond.json"):
+    with pytest.raises(core.ConfigError, match="bad.json is not a results_beyond.json"):
         beyond.collect(second, str(tmp_path / "b"))
 
 

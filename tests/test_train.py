@@ -10,7 +10,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from wcord_jax import checkpoint, configs, data, feeds, models, parallel, train
+from wcord_jax import checkpoint, configs, core, data, feeds, loop, metrics, models, optim, parallel, train
 
 
 def tiny_config(**overrides):
@@ -34,7 +34,7 @@ def _setup(config, num_devices):
     mesh = parallel.make_mesh(num_devices)
     ds = data.load(config.dataset, config.seed)
     model = models.get_model(config.model, ds.num_classes, axis_name=parallel.AXIS)
-    tx = train.make_optimizer(config, 10)
+    tx = optim.make_optimizer(config, 10)
     state = train.create_train_state(jax.random.PRNGKey(0), model, tx, ds.image_shape)
     feed = feeds.InMemoryFeed(ds, mesh, config.batch_size, config.eval_batch_size)
     run = feed.make_runner(functools.partial(train.train_step, model=model, tx=tx), jnp.float32)
@@ -45,7 +45,7 @@ def test_sgd_matches_pytorch_update_rule():
     """v = mu*v + (g + wd*p); p -= lr*v, with lr stepping down after the decay epochs."""
     config = tiny_config(learning_rate=0.1, weight_decay=0.01, momentum=0.9, lr_decay_epochs=(1,), lr_decay_rate=0.1,
                          lr_schedule_epochs=0)
-    tx = train.make_optimizer(config, steps_per_epoch=2)
+    tx = optim.make_optimizer(config, steps_per_epoch=2)
     p = jnp.asarray([1.0, -2.0])
     state = tx.init(p)
     v, p_ref = np.zeros(2), np.asarray([1.0, -2.0])
@@ -60,17 +60,17 @@ def test_sgd_matches_pytorch_update_rule():
 
 def test_learning_rate_schedule_is_repdistillers_and_scales_with_the_run():
     config = configs.teacher_config("resnet8")
-    sched = train.learning_rate_schedule(config, steps_per_epoch=10)
+    sched = optim.learning_rate_schedule(config, steps_per_epoch=10)
     # Epochs count from 1 in RepDistiller: epoch 151 (steps 1500..1509) is the first at lr/10.
     assert [float(sched(s)) for s in (0, 1499, 1500, 1799, 1800, 2100)] == pytest.approx(
         [0.05, 0.05, 0.005, 0.005, 0.0005, 0.00005])
-    assert train.decay_epochs(config) == (150, 180, 210)
+    assert optim.decay_epochs(config) == (150, 180, 210)
     config.num_epochs = 24
-    assert train.decay_epochs(config) == (15, 18, 21)
+    assert optim.decay_epochs(config) == (15, 18, 21)
     config.lr_schedule_epochs = 0
-    assert train.decay_epochs(config) == (150, 180, 210)
+    assert optim.decay_epochs(config) == (150, 180, 210)
     config.lr_schedule_epochs, config.num_epochs = 240, 1
-    sched = train.learning_rate_schedule(config, steps_per_epoch=8)  # decays inside the single epoch
+    sched = optim.learning_rate_schedule(config, steps_per_epoch=8)  # decays inside the single epoch
     assert [float(sched(s)) for s in (4, 5, 6, 7)] == pytest.approx([0.05, 0.005, 0.0005, 0.00005])
     assert configs.teacher_config("ShuffleV2").learning_rate == 0.01
 
@@ -103,12 +103,12 @@ def test_four_devices_match_one_device():
 
 
 def test_batch_that_does_not_divide_by_devices_is_an_error(tmp_path):
-    with pytest.raises(train.ConfigError, match="multiple of the device count"):
+    with pytest.raises(core.ConfigError, match="multiple of the device count"):
         train.train_and_evaluate(tiny_config(batch_size=18, num_devices=4), str(tmp_path))
 
 
 def test_unknown_model_names_the_valid_ones(tmp_path):
-    with pytest.raises(train.ConfigError, match="resnet8x4"):
+    with pytest.raises(core.ConfigError, match="resnet8x4"):
         train.train_and_evaluate(tiny_config(model="resnet9"), str(tmp_path))
 
 
@@ -120,7 +120,7 @@ def test_run_writes_metrics_config_and_checkpoints(tmp_path):
     workdir = str(tmp_path / "run")
     result = train.train_and_evaluate(tiny_config(), workdir)
     assert set(result) == {"eval/loss", "eval/top1", "eval/top5"}
-    events = train.metrics_lib.read_metrics(workdir)
+    events = metrics.read_metrics(workdir)
     train_events = [e for e in events if "train/loss" in e]
     eval_events = [e for e in events if "eval/top1" in e]
     assert [e["epoch"] for e in eval_events] == [1, 2] and eval_events[-1]["step"] == 12
@@ -155,7 +155,7 @@ def test_a_checkpoint_is_written_once_the_minutes_since_the_last_have_passed(tmp
     or its last checkpoint (an epoch end's included). The clock here moves 0.3 min at each reading: one at the start,
     one per dispatch, one per checkpoint."""
     minutes = iter(range(1000))
-    monkeypatch.setattr(train._CheckpointClock, "now", staticmethod(lambda: 18.0 * next(minutes)))
+    monkeypatch.setattr(loop._CheckpointClock, "now", staticmethod(lambda: 18.0 * next(minutes)))
     workdir = str(tmp_path / "run")
     with caplog.at_level("INFO", logger="wcord_jax"):
         train.train_and_evaluate(tiny_config(checkpoint_every_minutes=1, keep_checkpoints=10), workdir)

@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from conftest import shrink
-from wcord_jax import checkpoint, configs, data, distill, feeds, losses, models, parallel, train, views
+from wcord_jax import checkpoint, configs, core, data, distill, feeds, losses, models, parallel, train, views
 from wcord_jax.data import augment as aug
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -232,9 +232,9 @@ def test_a_teacher_of_other_classes_distils_representations_and_refuses_kd(teach
     assert eng.teachers[0].num_classes == 2 and not eng.teachers[0].same_task
     assert metrics[0]["kd"] == 0.0 and np.isfinite(metrics[0]["crd"])
     for method in ("kd", "crdkd", "dkd"):
-        with pytest.raises(train.ConfigError, match="trained on another task .*different label spaces"):
+        with pytest.raises(core.ConfigError, match="trained on another task .*different label spaces"):
             distill.setup(_config(method, [teachers["half"]]))
-    with pytest.raises(train.ConfigError, match="method fitnet cannot distil an ensemble of 2 teachers.*can: none, kd"):
+    with pytest.raises(core.ConfigError, match="method fitnet cannot distil an ensemble of 2 teachers.*can: none, kd"):
         distill.setup(_config("fitnet", [teachers["a"], teachers["b"]]))
     # The whole run: the student evaluates on its view; the ensemble's and each teacher's accuracy are logged.
     result = distill.distill_and_evaluate(_config("wcord", [teachers["a"], teachers["b"]], view="gray",

@@ -185,7 +185,7 @@ def _dispatch_pool(feed, rng, count: int) -> list:
     """`count` full dispatches (runner arguments) from the feed's epoch orders; partial ones are skipped."""
     spd = feed.steps_per_dispatch
     if feed.steps_per_epoch < spd:
-        from wcord_jax.train import ConfigError
+        from wcord_jax.core import ConfigError
 
         raise ConfigError(f"steps_per_dispatch={spd} exceeds the {feed.steps_per_epoch} steps of an epoch: "
                           "raise dataset.num_train")
@@ -266,20 +266,20 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
 
     `config` is modified in place (synthetic data set, see `apply_bench_defaults`). `variants` are extra
     `(name, {losses attribute: replacement})` versions of the step to time alongside (to try an engine change
-    without making it); their ms/step are in the record's `variants`. Raises `train.ConfigError` for a config that
+    without making it); their ms/step are in the record's `variants`. Raises `ConfigError` for a config that
     cannot run.
     """
     import jax
     import numpy as np
-    from wcord_jax import distill, host, parallel, train
-    from wcord_jax.train import ConfigError
+    from wcord_jax import distill, host, loop, parallel
+    from wcord_jax.core import ConfigError
 
     if config.get("task") != "distill":
         raise ConfigError("the bench times distillation steps: use --config configs/distill.py:METHOD,TEACHER,STUDENT")
     if steps <= 0 or warmup < 0 or rounds <= 0:
         raise ConfigError(f"--steps ({steps}) and --rounds ({rounds}) must be positive, --warmup ({warmup}) >= 0")
     apply_bench_defaults(config, overridden)
-    mesh, dtype, dataset, feed = train.setup_run(config, _validate)
+    mesh, dtype, dataset, feed = loop.setup_run(config, _validate)
     method = config.method
     teacher_vars, teacher_source = None, "checkpoint"  # build_engine restores config.teacher.checkpoint
     if not config.teacher.checkpoint:
@@ -399,7 +399,7 @@ def main(argv: list[str]) -> None:
     cli._configure_host(config)  # noqa: SLF001
 
     from wcord_jax.data import DataNotFoundError
-    from wcord_jax.train import ConfigError
+    from wcord_jax.core import ConfigError
 
     try:
         config.get("task")

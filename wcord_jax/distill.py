@@ -24,7 +24,8 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from wcord_jax import distillers, feeds, heads, losses, models, parallel, rundir, train
+from wcord_jax import distillers, feeds, heads, loop, losses, models, optim, parallel, rundir, train
+from wcord_jax.losses import ce
 from wcord_jax import views as views_lib
 from wcord_jax.distillers._ensemble import PerTeacher
 from wcord_jax.distillers.base import StepInputs
@@ -65,7 +66,7 @@ def init_epochs(config) -> int:
 
 
 def validate(config, num_devices: int) -> None:
-    train.validate_config(config, num_devices)
+    loop.validate_config(config, num_devices)
     distiller = distiller_of(config)
     if config.teacher.model not in models.list_models():
         raise ConfigError(f"unknown teacher model {config.teacher.model!r}; valid: {', '.join(models.list_models())}")
@@ -75,7 +76,7 @@ def validate(config, num_devices: int) -> None:
     if config.get("init_epochs", 0) < 0:
         raise ConfigError(f"init_epochs must be >= 0, got {config.init_epochs}")
     if config.teacher.get("view"):
-        train.parse_view(config.teacher.view, "teacher.view")
+        loop.parse_view(config.teacher.view, "teacher.view")
     distiller.validate(config, num_devices)
 
 
@@ -122,12 +123,12 @@ def teacher_meta(config, path: str) -> dict:
 def teacher_view(config, metas: list) -> views_lib.View:
     """`teacher.view`, or (None) the view the teachers were trained on, as their checkpoints say."""
     if config.teacher.get("view"):
-        return train.parse_view(config.teacher.view, "teacher.view")
+        return loop.parse_view(config.teacher.view, "teacher.view")
     specs = sorted({m.get("view") or "identity" for m in metas}) or ["identity"]
     if len(specs) > 1:
         raise ConfigError(f"the teachers were trained on different views ({', '.join(specs)}): one teacher.view "
                           "serves them all")
-    return train.parse_view(specs[0], "teacher.view")
+    return loop.parse_view(specs[0], "teacher.view")
 
 
 def teacher_view_input(view: views_lib.View, dataset, metas: list) -> feeds.ViewInput:
@@ -246,7 +247,7 @@ def trainable_mask(params, stage: str, distiller):
 def make_optimizers(config, masks: dict, steps_per_epoch: int):
     """(main, init) optimizers: RepDistiller's SGD over each stage's trainable parameters (`masks[stage]`). The
     init stage's learning rate is constant; `init` is None without an init stage."""
-    main = optax.masked(train.make_optimizer(config, steps_per_epoch), masks["main"])
+    main = optax.masked(optim.make_optimizer(config, steps_per_epoch), masks["main"])
     if not init_epochs(config):
         return main, None
     lr = distiller_of(config).init_learning_rate(config)
@@ -344,7 +345,7 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
     def loss_fn(params):
         (s_logits, s_feats), new_vars = student.apply({"params": params["student"], "batch_stats": state.batch_stats},
                                                       x, train=True, preact=distiller.preact, mutable=["batch_stats"])
-        terms = {"ce": lax.pmean(feeds.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
+        terms = {"ce": lax.pmean(ce.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
                  "kd": _kd_term(s_logits, t_logits, teachers, config, logits_comparable)}
         out = distiller.term(StepInputs(
             config=config, params=params, state=state, modules=flax_modules, s_logits=s_logits, s_feats=s_feats,
@@ -494,10 +495,10 @@ def setup(config) -> tuple:
 
     The feed gives the student `config.view` and the teachers `teacher.view` (or the view they were trained on);
     each network is built for its view's channels."""
-    train.validate_config(config, 1)  # the view keys, before reading the teachers' checkpoints
+    loop.validate_config(config, 1)  # the view keys, before reading the teachers' checkpoints
     metas = [teacher_meta(config, p) for p in teacher_paths(config)] if config.teacher.checkpoint else []
     t_view = teacher_view(config, metas)
-    mesh, dtype, dataset, feed = train.setup_run(config, validate, extra_features=(t_view.feature,))
+    mesh, dtype, dataset, feed = loop.setup_run(config, validate, extra_features=(t_view.feature,))
     if not dataset.in_memory and distiller_of(config).needs_all_labels(config):
         raise ConfigError(f"{config.method}'s memory bank needs the labels of the whole training set: use an "
                           "in-memory data set")
@@ -531,7 +532,7 @@ def distill_and_evaluate(config, workdir: str) -> dict:
         runner = init_runner if epoch < n_init else main_runner
         return lambda st, *args: runner(st, teacher_vars, class_index, *args)
 
-    main_schedule = train.learning_rate_schedule(config, spe)
+    main_schedule = optim.learning_rate_schedule(config, spe)
     init_lr = init_learning_rate(config) if n_init else 0.0
 
     def schedule(step):
@@ -548,7 +549,7 @@ def distill_and_evaluate(config, workdir: str) -> dict:
     describe_student = config.model + (f" [{student_view}]" if student_view != "identity" else "")
 
     stages = f" ({n_init} init-stage epochs first)" if n_init else ""
-    return train.run_training(
+    return loop.run_training(
         config, workdir, mesh, feed, eng.state, None,
         lambda st: evaluate({"params": st.params["student"], "batch_stats": st.batch_stats}), schedule,
         describe=f"{config.method}: {describe_teacher} -> {describe_student} on {dataset.name}{stages}",

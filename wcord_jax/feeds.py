@@ -1,7 +1,8 @@
 """Getting batches to the train step: resident on the device (small data sets) or streamed (ImageNet).
 
-A feed knows how many steps an epoch has, yields what each dispatch of the train step needs, compiles a per-device step
-function into that dispatch (`make_runner`) and evaluates a model on the test split (`make_evaluator`). Both kinds of
+A feed knows how many steps an epoch has, yields what each dispatch of the train step needs, builds each step's batch
+on the device around a per-device step function (`make_runner`, compiled by `wcord_jax.step`) and evaluates a model
+on the test split (`make_evaluator`). Both kinds of
 feed key every random draw by the run's key, the epoch and the example's position, so one device and many devices
 see the same batches, and a resumed run sees the batches it would have seen.
 """
@@ -13,15 +14,16 @@ from typing import Callable, Iterator, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from wcord_jax import parallel
+from wcord_jax import step as step_lib
 from wcord_jax import views as views_lib
 from wcord_jax.core import AUGMENT_STREAM, AXIS, ORDER_STREAM  # noqa: F401 (feeds.AUGMENT_STREAM: the tests use it)
 from wcord_jax.data import DataSet
 from wcord_jax.data import augment as aug
+from wcord_jax.losses.ce import eval_sums
 
 # The random views' keys: folded from each example's augmentation key (training) or from this key and the test
 # example's index (evaluation), and then from the view's slot (0 the trained network's, 1 the teacher's).
@@ -74,22 +76,6 @@ def identity_input(dataset: DataSet) -> ViewInput:
 def view_channels(view: views_lib.View, dataset: DataSet) -> int:
     feature = dataset.feature_shapes.get(view.feature, (0, 0, 0))[-1] if view.feature else None
     return view.channels(dataset.image_shape[-1], feature)
-
-
-def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
-
-
-def topk_correct(logits: jax.Array, labels: jax.Array, k: int) -> jax.Array:
-    """1.0 where the label is among the k highest logits (k capped at the number of classes)."""
-    _, top = lax.top_k(logits, min(k, logits.shape[-1]))
-    return jnp.any(top == labels[:, None], axis=-1).astype(jnp.float32)
-
-
-def eval_sums(logits, labels, mask) -> jax.Array:
-    """[loss sum, top-1 hits, top-5 hits] over the rows where mask is 1."""
-    return jnp.stack([jnp.sum(cross_entropy(logits, labels) * mask), jnp.sum(topk_correct(logits, labels, 1) * mask),
-                      jnp.sum(topk_correct(logits, labels, 5) * mask)])
 
 
 def epoch_order(rng: jax.Array, epoch: int, num_examples: int, steps: int, batch: int) -> np.ndarray:
@@ -155,31 +141,6 @@ def device_batch(state_rng, step, images, labels, idx, *, mean, std, dtype, augm
     if teacher is not None and not teacher.same_as(views[STUDENT]):
         batch["teacher_image"] = render(teacher, sources, keys, TEACHER, dtype)
     return batch
-
-
-NONFINITE = "nonfinite"  # the metric that flags a step whose loss, a logged term or the new weights were not finite
-NONFINITE_MODES = ("stop", "skip")
-
-
-def guard_nonfinite(step_fn: Callable, mode: str) -> Callable:
-    """`step_fn` with a finiteness check on the device: every floating metric (the loss and each logged term) and the
-    updated trainable weights; the result rides with the metrics as `nonfinite` (1.0 for a bad step), so that the
-    host sees it when it next reads the metrics, without a transfer of its own. With `mode='skip'` a bad step's
-    update is dropped on the device (the state stays as it was, only its step counter moves on)."""
-    if mode not in NONFINITE_MODES:
-        raise ValueError(f"nonfinite must be one of {', '.join(NONFINITE_MODES)}, got {mode!r}")
-
-    def guarded(state, batch, *extra):
-        new, metrics = step_fn(state, batch, *extra)
-        leaves = [v for v in jax.tree.leaves(metrics) + jax.tree.leaves(new.params)
-                  if jnp.issubdtype(jnp.asarray(v).dtype, jnp.floating)]
-        finite = jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in leaves]))
-        if mode == "skip":
-            kept = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, state)
-            new = kept.replace(step=new.step)
-        return new, {**metrics, NONFINITE: 1.0 - finite.astype(jnp.float32)}
-
-    return guarded
 
 
 class InMemoryFeed:
@@ -256,7 +217,7 @@ class InMemoryFeed:
         """
         mean, std, views = self._mean, self._std, self.views
         if nonfinite is not None:
-            step_fn = guard_nonfinite(step_fn, nonfinite)
+            step_fn = step_lib.guard_nonfinite(step_fn, nonfinite)
 
         def per_device(state, *args):
             extra, (images, labels, idx) = args[:num_extra], args[num_extra:]
@@ -266,15 +227,9 @@ class InMemoryFeed:
                                      augment=augment, views=views)
                 return step_fn(st, batch, *extra)
 
-            if idx.shape[0] == 1:
-                # No loop for a single step: XLA:CPU runs convolution gradients inside a while loop ~20x slower.
-                state, metrics = body(state, idx[0])
-                return state, jax.tree.map(lambda m: m[None], metrics)
-            return lax.scan(body, state, idx)
+            return step_lib.scan_steps(body, state, idx)
 
-        in_specs = (state_spec,) + (P(),) * num_extra + (P(), P(), P(None, AXIS))
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(state_spec, P()))
-        return jax.jit(mapped, donate_argnums=(0,))
+        return step_lib.compile_dispatch(per_device, self.mesh, state_spec, num_extra, (P(), P(), P(None, AXIS)))
 
     def make_evaluator(self, apply_fn: Callable, dtype, slot: str = STUDENT) -> Callable[[dict], dict]:
         """`evaluate(variables) -> {eval/loss, eval/top1, eval/top5}` over the whole test split in one dispatch.
@@ -302,8 +257,7 @@ class InMemoryFeed:
             _, sums = lax.scan(body, None, (idx, mask))
             return lax.psum(jnp.sum(sums, axis=0), AXIS)
 
-        mapped = jax.jit(jax.shard_map(per_device, mesh=self.mesh,
-                                       in_specs=(P(), P(), P(), P(None, AXIS), P(None, AXIS)), out_specs=P()))
+        mapped = step_lib.compile_evaluator(per_device, self.mesh, (P(), P(), P(), P(None, AXIS), P(None, AXIS)))
         n = self.dataset.num_test
 
         def evaluate(variables):
@@ -362,15 +316,13 @@ class StreamFeed:
         del augment  # done by tf.data
         mean, std = self._mean, self._std
         if nonfinite is not None:
-            step_fn = guard_nonfinite(step_fn, nonfinite)
+            step_fn = step_lib.guard_nonfinite(step_fn, nonfinite)
 
         def per_device(state, *args):
             extra, batch = args[:num_extra], args[num_extra]
             return step_fn(state, dict(batch, image=aug.normalize(batch["image"], mean, std, dtype)), *extra)
 
-        in_specs = (state_spec,) + (P(),) * num_extra + (P(AXIS),)
-        mapped = jax.shard_map(per_device, mesh=self.mesh, in_specs=in_specs, out_specs=(state_spec, P()))
-        return jax.jit(mapped, donate_argnums=(0,))
+        return step_lib.compile_dispatch(per_device, self.mesh, state_spec, num_extra, (P(AXIS),))
 
     def make_evaluator(self, apply_fn: Callable, dtype, slot: str = STUDENT) -> Callable[[dict], dict]:
         del slot  # both networks see the image
@@ -380,7 +332,7 @@ class StreamFeed:
             logits = apply_fn(variables, aug.normalize(batch["image"], mean, std, dtype))
             return lax.psum(eval_sums(logits, batch["label"], batch["mask"]), AXIS)
 
-        mapped = jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=(P(), P(AXIS)), out_specs=P()))
+        mapped = step_lib.compile_evaluator(per_device, self.mesh, (P(), P(AXIS)))
         local = self.eval_batch_size // jax.process_count()
         # tf.data's shard gives each process ceil or floor of num_test / process_count examples.
         per_process = -(-self.dataset.num_test // jax.process_count())

@@ -221,12 +221,12 @@ def write_run(workdir: str, config, variables: dict, meta_extra: dict) -> None:
     import jax
 
     from wcord_jax import checkpoint as ckpt_lib
-    from wcord_jax import models, paths, rundir, train
+    from wcord_jax import models, optim, paths, rundir, train
     from wcord_jax.data import sources
 
     channels = 3
     net = models.get_model(config.model, config.dataset.num_classes)
-    tx = train.make_optimizer(config, 1)
+    tx = optim.make_optimizer(config, 1)
     state = train.create_train_state(jax.random.PRNGKey(0), net, tx,
                                      (config.dataset.image_size, config.dataset.image_size, channels))
     state = state.replace(params=jax.tree.map(np.asarray, variables["params"]),
@@ -335,7 +335,7 @@ def main(argv: list[str]) -> None:
     config = values["config"]
     _setup_logging()
     from wcord_jax.data import DataNotFoundError
-    from wcord_jax.train import ConfigError
+    from wcord_jax.core import ConfigError
 
     try:
         import_teacher(values["source"], values["model"], values["checkpoint"], values["workdir"], config)

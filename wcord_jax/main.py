@@ -107,7 +107,7 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         _fail(f"multi-process setup: {e}")
 
-    from wcord_jax import distill, probe, train
+    from wcord_jax import core, distill, loop, probe, train
     from wcord_jax.checkpoint import CheckpointError
     from wcord_jax.data import DataNotFoundError
 
@@ -121,12 +121,12 @@ def main(argv: list[str]) -> None:
         _fail(f"unknown task {task!r}; valid: {', '.join(runners)}")
     try:
         result = runners[task](config, workdir)
-    except (train.ConfigError, DataNotFoundError) as e:
+    except (core.ConfigError, DataNotFoundError) as e:
         _fail(str(e))
-    except train.Interrupted as e:
+    except loop.Interrupted as e:
         print(str(e), file=sys.stderr)
         sys.exit(130)
-    except train.Diverged as e:
+    except loop.Diverged as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(DIVERGED)
     except CheckpointError as e:

@@ -204,14 +204,14 @@ def collect(config, workdir: str) -> dict:
 def _merge_earlier(out: dict, path: str) -> None:
     """Adds an earlier report's entries for (task, label, method, seed) that `out` lacks, tagged with the file (and
     its CPU where the entry does not name one); its teachers go under out['earlier'][path]."""
-    from wcord_jax import train
+    from wcord_jax import core
 
     try:
         with open(path, encoding="utf-8") as f:
             earlier = json.load(f)
         cells = earlier["cells"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise train.ConfigError(f"earlier_results: {path} is not a results_beyond.json ({type(e).__name__}: {e})")
+        raise core.ConfigError(f"earlier_results: {path} is not a results_beyond.json ({type(e).__name__}: {e})")
     out["earlier"][path] = {"teachers": earlier.get("teachers", {}), "cpu": earlier.get("cpu", "")}
     for task, labels in cells.items():
         for label, methods in labels.items():

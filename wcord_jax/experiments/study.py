@@ -274,12 +274,12 @@ def run_all(config, workdir: str) -> None:
 
 def check_runs(runs: list) -> None:
     """Refuses a plan whose runs disagree with what their workdirs hold (another protocol in the same WORKDIR)."""
-    from wcord_jax import train
+    from wcord_jax import core
 
     for run in runs:
         reason = stale_reason(run)
         if reason:
-            raise train.ConfigError(f"{reason}: use another --workdir")
+            raise core.ConfigError(f"{reason}: use another --workdir")
 
 
 def run_done(run: dict) -> bool:
@@ -562,7 +562,7 @@ def run_and_report(config, workdir: str, run_all, write_report, report_name: str
     """An experiment's command: its runs (unless `report_only`; a ConfigError is one line and exit status 2), then
     its report, printed."""
     from wcord_jax import main as cli
-    from wcord_jax import train
+    from wcord_jax import core
 
     os.makedirs(workdir, exist_ok=True)
     cli._setup_logging()  # noqa: SLF001
@@ -576,7 +576,7 @@ def run_and_report(config, workdir: str, run_all, write_report, report_name: str
         if not report_only:
             run_all(config, workdir)
         write_report(config, workdir)
-    except train.ConfigError as e:
+    except core.ConfigError as e:
         cli._fail(str(e))  # noqa: SLF001
     with open(os.path.join(workdir, report_name), encoding="utf-8") as f:
         print(f.read())
