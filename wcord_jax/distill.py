@@ -331,39 +331,68 @@ def _top1(logits, labels):
     return lax.pmean(jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32)), AXIS)
 
 
-def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, distiller, student, teacher,
-                 modules, tx, mask, steps_per_epoch: int, first_main_step: int = 0, logits_comparable: bool = True):
-    """One main-stage distillation step on this device's shard (inside shard_map over `data`); see the module
-    docstring. `modules` is `make_modules`' dict, `mask` the main stage's `trainable_mask`. `teacher` is a module
-    (`teacher_vars` its variables) or a list of them (an ensemble); `logits_comparable` is False when a teacher was
-    trained on other classes (the KD term is then 0)."""
+STAGES = ("main", "init")
+
+
+def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *, stage: str = "main", config,
+                 distiller, student, teacher, modules, tx, mask, steps_per_epoch: int, first_main_step: int = 0,
+                 logits_comparable: bool = True):
+    """One distillation step on this device's shard (inside shard_map over `data`), of either stage.
+
+    `stage='main'`: the loss gamma * CE + alpha * KD + beta * the distiller's `term`; `stage='init'` (RepDistiller's
+    helper/pretrain.py, for distillers with an init stage): the distiller's `init_term` alone, and the student runs
+    in training mode (updating its BatchNorm statistics) unless `Distiller.init_trains_student` says otherwise.
+    `tx` and `mask` are that stage's optimizer and `trainable_mask`; `modules` is `make_modules`' dict. `teacher` is
+    a module (`teacher_vars` its variables) or a list of them (an ensemble); `logits_comparable` is False when a
+    teacher was trained on other classes (the KD term is then 0)."""
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    main = stage == "main"
     x = batch["image"]
     t_logits, t_feats, teachers = _teachers_forward(teacher, teacher_vars, batch, distiller.preact)
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
     flax_modules = {name: m for name, (m, _) in modules.items()}
+    train_student = main or distiller.init_trains_student
 
     def loss_fn(params):
-        (s_logits, s_feats), new_vars = student.apply({"params": params["student"], "batch_stats": state.batch_stats},
-                                                      x, train=True, preact=distiller.preact, mutable=["batch_stats"])
-        terms = {"ce": lax.pmean(ce.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
-                 "kd": _kd_term(s_logits, t_logits, teachers, config, logits_comparable)}
-        out = distiller.term(StepInputs(
+        variables = {"params": params["student"], "batch_stats": state.batch_stats}
+        if train_student:
+            (s_logits, s_feats), new_vars = student.apply(variables, x, train=True, preact=distiller.preact,
+                                                          mutable=["batch_stats"])
+            batch_stats = new_vars["batch_stats"]
+        else:
+            s_logits, s_feats = student.apply(variables, x, train=False, preact=distiller.preact)
+            batch_stats = state.batch_stats
+        inputs = StepInputs(
             config=config, params=params, state=state, modules=flax_modules, s_logits=s_logits, s_feats=s_feats,
             t_logits=t_logits, t_feats=t_feats, batch=batch, class_index=class_index, key=key, axis_name=AXIS,
-            steps_per_epoch=steps_per_epoch, first_main_step=first_main_step, teachers=teachers))
+            steps_per_epoch=steps_per_epoch, first_main_step=first_main_step if main else 0,
+            teachers=teachers if main else ())
+        if not main:
+            out = distiller.init_term(inputs)
+            return out.value, ({f"init_{config.method}": out.value}, {}, batch_stats, out.updates, s_logits)
+        terms = {"ce": lax.pmean(ce.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
+                 "kd": _kd_term(s_logits, t_logits, teachers, config, logits_comparable)}
+        out = distiller.term(inputs)
         terms.update(out.logged)
         total = config.gamma * terms["ce"] + config.alpha * terms["kd"] + config.beta * out.value
-        return total, (terms, out.metrics, new_vars["batch_stats"], out.updates, s_logits)
+        return total, (terms, out.metrics, batch_stats, out.updates, s_logits)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     terms, metrics, batch_stats, updates, s_logits = aux
-    params, opt_state = _update(tx, grads, state.opt_state, state.params, mask, config.heads_lr_scale)
-    key_params = state.key_params
-    if key_params:
-        m = distiller.key_momentum(config)
-        key_params = {k: jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, v, params[k]) for k, v in key_params.items()}
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                              key_params=key_params, **updates)
+    if main:
+        params, opt_state = _update(tx, grads, state.opt_state, state.params, mask, config.heads_lr_scale)
+        key_params = state.key_params
+        if key_params:
+            m = distiller.key_momentum(config)
+            key_params = {k: jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, v, params[k])
+                          for k, v in key_params.items()}
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
+                                  key_params=key_params, **updates)
+    else:
+        params, init_opt_state = _update(tx, grads, state.init_opt_state, state.params, mask)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  init_opt_state=init_opt_state, **updates)
     return new_state, {"loss": loss, "top1": _top1(s_logits, batch["label"]), **terms, **metrics}
 
 
@@ -379,42 +408,6 @@ def _update(tx, grads, opt_state, params, mask, heads_lr_scale: float = 1.0):
     return optax.apply_updates(params, updates), opt_state
 
 
-def init_stage_step(state: DistillState, batch: dict, teacher_vars, class_index, *, config, distiller, student,
-                    teacher, modules, init_tx, mask, steps_per_epoch: int, logits_comparable: bool = True):
-    """One step of the distiller's init stage (RepDistiller's helper/pretrain.py) on this device's shard.
-
-    The loss is the distiller's `init_term` alone (no gamma / alpha / beta), the optimizer trains what `mask` (the
-    init stage's `trainable_mask`) allows; the student runs in training mode (updating its BatchNorm statistics)
-    unless the distiller says otherwise (`Distiller.init_trains_student`).
-    """
-    del logits_comparable  # the init stage has no KD term
-    x = batch["image"]
-    t_logits, t_feats, _ = _teachers_forward(teacher, teacher_vars, batch, distiller.preact)
-    key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
-    flax_modules = {name: m for name, (m, _) in modules.items()}
-
-    def loss_fn(params):
-        variables = {"params": params["student"], "batch_stats": state.batch_stats}
-        if distiller.init_trains_student:
-            (s_logits, s_feats), new_vars = student.apply(variables, x, train=True, preact=distiller.preact,
-                                                          mutable=["batch_stats"])
-            batch_stats = new_vars["batch_stats"]
-        else:
-            s_logits, s_feats = student.apply(variables, x, train=False, preact=distiller.preact)
-            batch_stats = state.batch_stats
-        out = distiller.init_term(StepInputs(
-            config=config, params=params, state=state, modules=flax_modules, s_logits=s_logits, s_feats=s_feats,
-            t_logits=t_logits, t_feats=t_feats, batch=batch, class_index=class_index, key=key, axis_name=AXIS,
-            steps_per_epoch=steps_per_epoch, first_main_step=0))
-        return out.value, (batch_stats, out.updates, s_logits)
-
-    (loss, (batch_stats, updates, s_logits)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    params, init_opt_state = _update(init_tx, grads, state.init_opt_state, state.params, mask)
-    new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                              init_opt_state=init_opt_state, **updates)
-    return new_state, {"loss": loss, "top1": _top1(s_logits, batch["label"]), f"init_{config.method}": loss}
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # The run
 
@@ -423,7 +416,7 @@ def init_stage_step(state: DistillState, batch: dict, teacher_vars, class_index,
 class Engine:
     """The pieces of a distillation run, built once by `build_engine`.
 
-    `main_step` / `init_step` are the per-device step functions for `feed.make_runner(..., num_extra=2,
+    `main_step` / `init_step` are `distill_step` bound to its stage, the per-device step functions for `feed.make_runner(..., num_extra=2,
     state_spec=spec)`, called as `runner(state, teacher_vars, class_index, *feed_args)`; `init_step` is None
     without an init stage. `teacher_vars` and `class_index` are unreplicated. With several teachers (an
     ensemble) `teacher` and `teacher_vars` are lists; `teachers` describes them all.
@@ -484,7 +477,7 @@ def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None
                                   **common)
     init_step = None
     if n_init:
-        init_step = functools.partial(init_stage_step, init_tx=init_tx, mask=masks["init"], **common)
+        init_step = functools.partial(distill_step, stage="init", tx=init_tx, mask=masks["init"], **common)
     return Engine(student=student, teacher=teacher, teacher_vars=teacher_vars, modules=modules, state=state,
                   spec=state_spec(config, distiller), main_step=main_step, init_step=init_step,
                   class_index=class_index, init_epochs=n_init, teachers=teachers, distiller=distiller)
