@@ -416,9 +416,9 @@ def _update(tx, grads, opt_state, params, mask, heads_lr_scale: float = 1.0):
 class Engine:
     """The pieces of a distillation run, built once by `build_engine`.
 
-    `main_step` / `init_step` are `distill_step` bound to its stage, the per-device step functions for `feed.make_runner(..., num_extra=2,
-    state_spec=spec)`, called as `runner(state, teacher_vars, class_index, *feed_args)`; `init_step` is None
-    without an init stage. `teacher_vars` and `class_index` are unreplicated. With several teachers (an
+    `main_step` / `init_step` are `distill_step` bound to its stage: the per-device step functions for
+    `feed.make_runner(..., num_extra=2, state_spec=spec)`, called as `runner(state, teacher_vars, class_index,
+    *feed_args)`; `init_step` is None without an init stage. `teacher_vars` and `class_index` are unreplicated. With several teachers (an
     ensemble) `teacher` and `teacher_vars` are lists; `teachers` describes them all.
     """
 
