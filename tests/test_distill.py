@@ -82,26 +82,27 @@ def test_four_devices_give_the_same_losses_as_one(teacher_dir, method, terms):
             np.testing.assert_allclose(a[term], b[term], rtol=2e-4, atol=1e-5, err_msg=term)
     if method == "crdkd":
         # Every replica holds the same, complete memory, equal to the one-device memory.
-        shards = [np.asarray(s.data) for s in s4.method_state.memory_s.addressable_shards]
+        shards = [np.asarray(s.data) for s in s4.method["own"].memory_s.addressable_shards]
         assert len(shards) == 4 and all(np.array_equal(shards[0], x) for x in shards[1:])
-        np.testing.assert_allclose(shards[0], np.asarray(s1.method_state.memory_s), rtol=1e-4, atol=1e-6)
-        assert float(s4.method_state.z_s) > 0  # Z estimated on the first batch, then kept
+        np.testing.assert_allclose(shards[0], np.asarray(s1.method["own"].memory_s), rtol=1e-4, atol=1e-6)
+        assert float(s4.method["own"].z_s) > 0  # Z estimated on the first batch, then kept
     else:
         # The queue is really split: each device holds K/4 rows, which together equal the one-device queue.
-        shards = s4.method_state.queue_t.addressable_shards
+        shards = s4.method["own"].queue_t.addressable_shards
         assert {s.data.shape for s in shards} == {(16, 128)}
-        np.testing.assert_allclose(np.asarray(s4.method_state.queue_t), np.asarray(s1.method_state.queue_t),
+        np.testing.assert_allclose(np.asarray(s4.method["own"].queue_t), np.asarray(s1.method["own"].queue_t),
                                    rtol=1e-4, atol=1e-5)
-        assert int(s4.method_state.ptr) == int(s1.method_state.ptr) == 48
+        assert int(s4.method["own"].ptr) == int(s1.method["own"].ptr) == 48
         # The momentum key heads are replicated, equal to the one-device ones, and have left the trained heads.
-        assert set(s4.key_params) == {"embed_s", "embed_t"}
+        assert set(s4.method["key_heads"]) == {"embed_s", "embed_t"}
         close = functools.partial(np.testing.assert_allclose, rtol=1e-4, atol=1e-6)
-        jax.tree.map(lambda a, b: close(np.asarray(a), np.asarray(b)), s4.key_params, s1.key_params)
+        jax.tree.map(lambda a, b: close(np.asarray(a), np.asarray(b)), s4.method["key_heads"],
+                     s1.method["key_heads"])
         m = config.wcord.key_momentum  # key <- m * key + (1 - m) * trained head after the step
         for name in ("embed_s", "embed_t"):
             jax.tree.map(lambda k, k0, p: close(np.asarray(k), m * np.asarray(k0) + (1 - m) * np.asarray(p)),
-                         s1.key_params[name], prev1.key_params[name], s1.params[name])
-        assert not np.allclose(np.asarray(s1.key_params["embed_s"]["linear"]["kernel"]),
+                         s1.method["key_heads"][name], prev1.method["key_heads"][name], s1.params[name])
+        assert not np.allclose(np.asarray(s1.method["key_heads"]["embed_s"]["linear"]["kernel"]),
                                np.asarray(s1.params["embed_s"]["linear"]["kernel"]), rtol=0, atol=1e-7)
 
 
@@ -176,7 +177,7 @@ def test_distillation_resumes_with_the_same_weights_and_queue(teacher_dir, tmp_p
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
     # The momentum key heads are checkpointed and resume too.
-    key_a, key_b = (checkpoint.load_state(w)["key_params"] for w in (straight, resumed))
+    key_a, key_b = (checkpoint.load_state(w)["method"]["key_heads"] for w in (straight, resumed))
     assert set(key_a) == {"embed_s", "embed_t"}
     for x, y in zip(jax.tree.leaves(key_a), jax.tree.leaves(key_b)):
         np.testing.assert_array_equal(x, y)
@@ -204,8 +205,10 @@ def test_a_few_steps_lower_each_term_of_the_method(teacher_dir, method):
     probe = batch(order[3:4])
     _, before = run(jax.tree.map(jnp.copy, reference), probe)
     for _ in range(8):  # against the reference negatives (else the probe's own past embeddings become negatives)
-        state, _ = run(state.replace(method_state=jax.tree.map(jnp.copy, reference.method_state)), probe)
-    _, after = run(jax.tree.map(jnp.copy, state.replace(step=reference.step, method_state=reference.method_state)),
+        state, _ = run(state.replace(method={**state.method, "own": jax.tree.map(jnp.copy, reference.method["own"])}),
+                       probe)
+    _, after = run(jax.tree.map(jnp.copy, state.replace(step=reference.step,
+                                                        method={**state.method, "own": reference.method["own"]})),
                    probe)
     before, after = jax.device_get(before), jax.device_get(after)
     for term in METHOD_TERMS[method]:

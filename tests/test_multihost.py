@@ -149,7 +149,7 @@ def test_two_processes_write_the_same_checkpoint(runs, method):
     one = checkpoint.load_state(runs / f"{method}_1proc")
     two = checkpoint.load_state(runs / f"{method}_2proc")
     assert jax.tree.structure(one) == jax.tree.structure(two)
-    memory = one["method_state"]
+    memory = one["method"]["own"]
     assert memory, "the method state (CRD memory / WCoRD queue) is in the checkpoint"
     for path, a in jax.tree_util.tree_leaves_with_path(one):
         b = two

@@ -215,13 +215,15 @@ def test_views_and_two_teachers_give_the_same_losses_on_one_and_four_devices(tea
     results = [_steps(_config(method, [teachers["a"], teachers["b"]], view="mask:0.5"), n, 3) for n in (1, 4)]
     (m1, s1, eng), (m4, s4, _) = results
     assert {"embed_s_t0", "embed_t_t0", "embed_s_t1", "embed_t_t1"} <= set(s1.params)
-    assert isinstance(s1.method_state, tuple) and len(s1.method_state) == 2
+    assert isinstance(s1.method, tuple) and len(s1.method) == 2  # one state per teacher
     for a, b in zip(m1, m4):
         for term in terms + ("loss", "emb_pos_cos_t1"):
             np.testing.assert_allclose(a[term], b[term], rtol=2e-4, atol=1e-5, err_msg=term)
     if method == "wcordkd":  # each teacher's queue is split over the devices
-        assert {s.data.shape for s in s4.method_state[1].queue_t.addressable_shards} == {(16, 128)}
-        assert set(s1.key_params) == {"embed_s_t0", "embed_t_t0", "embed_s_t1", "embed_t_t1"}
+        assert {s.data.shape for s in s4.method[1]["own"].queue_t.addressable_shards} == {(16, 128)}
+        assert all(set(s["key_heads"]) == {"embed_s", "embed_t"} for s in s1.method)
+        assert not np.allclose(np.asarray(s1.method[0]["key_heads"]["embed_t"]["linear"]["kernel"]),
+                               np.asarray(s1.method[1]["key_heads"]["embed_t"]["linear"]["kernel"]))
     # The two teachers' heads were initialised apart and train apart.
     assert not np.allclose(np.asarray(s1.params["embed_t_t0"]["linear"]["kernel"]),
                            np.asarray(s1.params["embed_t_t1"]["linear"]["kernel"]))

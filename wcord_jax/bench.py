@@ -105,6 +105,8 @@ NEGATIVES_OFF = {"crd_loss": _crd_loss_off, "wcord_global_loss": _wcord_global_l
                  "wcord_global_loss_batch": _wcord_global_loss_batch_off,
                  "sample_contrast_idx": _sample_contrast_idx_off}
 LOCAL_OFF = {"wcord_local_loss": _wcord_local_loss_off}
+# The parts of a method's step the bench times apart, by the distiller's config section.
+SHARES = {"crd": ("negatives",), "wcord": ("local", "negatives")}
 
 
 @contextlib.contextmanager
@@ -300,7 +302,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         log.info("%s", host.NOTE)
 
     extra_variants, variants = list(variants), [("full", {})]
-    parts = distill.distiller_of(config).bench_shares if shares else ()
+    parts = SHARES.get(distill.distiller_of(config).config_section, ()) if shares else ()
     if "local" in parts:
         variants.append(("no_local", LOCAL_OFF))
     if "negatives" in parts:

@@ -2,8 +2,9 @@
 
 `distill_step` is the whole step on one device's shard of the global batch (inside `jax.shard_map` over `data`):
 the teacher forward in inference mode, the student forward and backward, the distiller's term (its modules, state
-and loss: `wcord_jax.distillers`), the optimizer update (student and trainable modules only) and the state updates
-(the distiller's state, momentum copies of its key heads, spectral-norm vectors, the modules' BatchNorm statistics).
+and loss: `wcord_jax.distillers`), the optimizer update (student and trainable modules only) and the distiller's own
+state after the step (opaque here: memories, queues, momentum key heads, spectral-norm vectors, its modules' BatchNorm
+statistics, whatever the method keeps).
 Every loss is the global-batch loss, identical on every device, so 1 and D devices take the same step.
 
 Total loss, as RepDistiller: gamma * CE + alpha * KD + beta * term, where term is the distiller's own term. A
@@ -24,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from wcord_jax import distillers, feeds, heads, loop, losses, models, optim, parallel, rundir, train
+from wcord_jax import distillers, feeds, loop, losses, models, optim, parallel, rundir, train
 from wcord_jax.losses import ce
 from wcord_jax import views as views_lib
 from wcord_jax.distillers._ensemble import PerTeacher
@@ -43,13 +44,10 @@ class DistillState:
     step: jax.Array
     params: Any  # {'student': ..., <module name>: ...}: the student and the distiller's modules
     batch_stats: Any  # the student's
-    module_stats: Any  # BatchNorm statistics of the extra modules that have BatchNorm ({name: ...}; {} otherwise)
-    spectral: Any  # power-iteration vectors of spectrally normalised heads ({} otherwise)
     opt_state: Any  # the main stage's optimizer
     init_opt_state: Any  # the init stage's optimizer (() without an init stage)
     rng: jax.Array
-    method_state: Any  # the distiller's own state (`Distiller.init_state`: memories, queues), or {}
-    key_params: Any  # momentum copies of the distiller's key heads (`Distiller.key_heads`; {} otherwise)
+    method: Any  # the distiller's state, opaque to the engine (`Distiller.method_state`)
 
 
 def distiller_of(config) -> distillers.Distiller:
@@ -266,35 +264,27 @@ def create_state(config, key, student, modules: dict, image_shape, n_data: int, 
     init = jax.jit(functools.partial(student.init, train=False))(jax.random.fold_in(key, 0),
                                                                  jnp.zeros((1, *image_shape)))
     params = {"student": init["params"]}
-    module_stats, spectral = {}, {}
+    variables = {}
     keys = jax.random.split(jax.random.fold_in(key, _HEADS_STREAM), max(len(modules), 1))
     for k, (name, (module, args)) in zip(keys, sorted(modules.items())):
-        v = jax.jit(lambda kk, m=module, a=args: m.init(kk, *a))(k)
-        params[name] = v.get("params", {})
-        if "batch_stats" in v:
-            module_stats[name] = v["batch_stats"]
-        if heads.SPECTRAL_COLLECTION in v:
-            spectral[name] = v[heads.SPECTRAL_COLLECTION]
-    method_state = distiller.init_state(config, jax.random.fold_in(key, _STATE_STREAM), n_data)
-    # The key heads start as copies of the trained heads (MoCo).
-    key_params = {k: jax.tree.map(jnp.copy, params[k]) for k in distiller.key_heads(config)}
+        variables[name] = jax.jit(lambda kk, m=module, a=args: m.init(kk, *a))(k)
+        params[name] = variables[name].get("params", {})
+    method = distiller.method_state(config, jax.random.fold_in(key, _STATE_STREAM), n_data, variables)
     masks = {"main": trainable_mask(params, "main", distiller)}
     if init_epochs(config):
         masks["init"] = trainable_mask(params, "init", distiller)
     tx, init_tx = make_optimizers(config, masks, steps_per_epoch)
     state = DistillState(step=jnp.zeros((), jnp.int32), params=params, batch_stats=init.get("batch_stats", {}),
-                         module_stats=module_stats, spectral=spectral, opt_state=tx.init(params),
-                         init_opt_state=init_tx.init(params) if init_tx is not None else (), rng=key,
-                         method_state=method_state, key_params=key_params)
+                         opt_state=tx.init(params), init_opt_state=init_tx.init(params) if init_tx is not None else (),
+                         rng=key, method=method)
     return state, tx, init_tx, masks
 
 
 def state_spec(config, distiller=None) -> Any:
     """PartitionSpecs of the state: all replicated except what the distiller shards (`Distiller.state_spec`)."""
     distiller = distiller or distiller_of(config)
-    return DistillState(step=P(), params=P(), batch_stats=P(), module_stats=P(), spectral=P(), opt_state=P(),
-                        init_opt_state=P(), rng=P(), method_state=distiller.state_spec(config, AXIS),
-                        key_params=P())
+    return DistillState(step=P(), params=P(), batch_stats=P(), opt_state=P(), init_opt_state=P(), rng=P(),
+                        method=distiller.method_state_spec(config, AXIS))
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -367,32 +357,28 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
             config=config, params=params, state=state, modules=flax_modules, s_logits=s_logits, s_feats=s_feats,
             t_logits=t_logits, t_feats=t_feats, batch=batch, class_index=class_index, key=key, axis_name=AXIS,
             steps_per_epoch=steps_per_epoch, first_main_step=first_main_step if main else 0,
-            teachers=teachers if main else ())
+            teachers=teachers if main else (), method_state=state.method)
         if not main:
             out = distiller.init_term(inputs)
-            return out.value, ({f"init_{config.method}": out.value}, {}, batch_stats, out.updates, s_logits)
+            return out.value, ({f"init_{config.method}": out.value}, {}, batch_stats, out.state, s_logits)
         terms = {"ce": lax.pmean(ce.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
                  "kd": _kd_term(s_logits, t_logits, teachers, config, logits_comparable)}
         out = distiller.term(inputs)
         terms.update(out.logged)
         total = config.gamma * terms["ce"] + config.alpha * terms["kd"] + config.beta * out.value
-        return total, (terms, out.metrics, batch_stats, out.updates, s_logits)
+        return total, (terms, out.metrics, batch_stats, out.state, s_logits)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    terms, metrics, batch_stats, updates, s_logits = aux
+    terms, metrics, batch_stats, method, s_logits = aux
+    method = state.method if method is None else method
     if main:
         params, opt_state = _update(tx, grads, state.opt_state, state.params, mask, config.heads_lr_scale)
-        key_params = state.key_params
-        if key_params:
-            m = distiller.key_momentum(config)
-            key_params = {k: jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, v, params[k])
-                          for k, v in key_params.items()}
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats, opt_state=opt_state,
-                                  key_params=key_params, **updates)
+                                  method=distiller.after_update(config, method, params))
     else:
         params, init_opt_state = _update(tx, grads, state.init_opt_state, state.params, mask)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  init_opt_state=init_opt_state, **updates)
+                                  init_opt_state=init_opt_state, method=method)
     return new_state, {"loss": loss, "top1": _top1(s_logits, batch["label"]), **terms, **metrics}
 
 
@@ -418,8 +404,8 @@ class Engine:
 
     `main_step` / `init_step` are `distill_step` bound to its stage: the per-device step functions for
     `feed.make_runner(..., num_extra=2, state_spec=spec)`, called as `runner(state, teacher_vars, class_index,
-    *feed_args)`; `init_step` is None without an init stage. `teacher_vars` and `class_index` are unreplicated. With several teachers (an
-    ensemble) `teacher` and `teacher_vars` are lists; `teachers` describes them all.
+    *feed_args)`; `init_step` is None without an init stage. `teacher_vars` and `class_index` are unreplicated.
+    With several teachers (an ensemble) `teacher` and `teacher_vars` are lists; `teachers` describes them all.
     """
 
     student: Any

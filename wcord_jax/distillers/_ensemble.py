@@ -2,9 +2,10 @@
 
 A distiller whose `ensemble` is 'per_teacher' (CRD, WCoRD) distils M teachers by running its own term once per
 teacher, each with its own modules (a head pair per teacher: `embed_s_t0`, `embed_t_t0`, `embed_s_t1`, ...), its
-own state (memories, queues: `method_state` is a tuple over the teachers, each sharded as for one teacher) and its
-own momentum key heads; the term is the mean of the per-teacher terms. `PerTeacher` presents that to the engine as
-one distiller, so the engine's state, optimizer and step code is the same for one teacher and for M.
+own state (memories, queues, momentum key heads, spectral vectors: the ensemble's state is a tuple of the inner
+distiller's states, one per teacher, each sharded as for one teacher); the term is the mean of the per-teacher
+terms. `PerTeacher` presents that to the engine as one distiller, so the engine's state, optimizer and step code is
+the same for one teacher and for M.
 """
 from __future__ import annotations
 
@@ -26,8 +27,7 @@ class PerTeacher(Distiller):
     def __init__(self, inner: Distiller, num_teachers: int):
         super().__init__(inner.name)
         self.inner, self.num_teachers = inner, num_teachers
-        for key in ("description", "weights", "config_section", "preact", "bench_shares", "ensemble",
-                    "uses_teacher_logits"):
+        for key in ("description", "weights", "config_section", "preact", "ensemble", "uses_teacher_logits"):
             setattr(self, key, getattr(inner, key))
         self.frozen_in_main = tuple(member_name(n, i) for n in inner.frozen_in_main for i in range(num_teachers))
         self._base_names: tuple = ()
@@ -47,18 +47,16 @@ class PerTeacher(Distiller):
             out.update({member_name(n, i): m for n, m in own.items()})
         return out
 
-    def init_state(self, config, key, n_data):
-        return tuple(self.inner.init_state(config, jax.random.fold_in(key, i), n_data)
+    def method_state(self, config, key, n_data, variables):
+        return tuple(self.inner.method_state(config, jax.random.fold_in(key, i), n_data, self._own(variables, i))
                      for i in range(self.num_teachers))
 
-    def state_spec(self, config, axis_name):
-        return tuple(self.inner.state_spec(config, axis_name) for _ in range(self.num_teachers))
+    def method_state_spec(self, config, axis_name):
+        return tuple(self.inner.method_state_spec(config, axis_name) for _ in range(self.num_teachers))
 
-    def key_heads(self, config):
-        return tuple(member_name(n, i) for i in range(self.num_teachers) for n in self.inner.key_heads(config))
-
-    def key_momentum(self, config):
-        return self.inner.key_momentum(config)
+    def after_update(self, config, method_state, params):
+        return tuple(self.inner.after_update(config, own, {"student": params["student"], **self._own(params, i)})
+                     for i, own in enumerate(method_state))
 
     def needs_all_labels(self, config):
         return self.inner.needs_all_labels(config)
@@ -71,30 +69,20 @@ class PerTeacher(Distiller):
         return {n: tree[member_name(n, i)] for n in self._base_names if member_name(n, i) in tree}
 
     def term(self, inputs: StepInputs) -> Term:
-        state = inputs.state
-        values, logged, metrics = [], [], {}
-        method_state = []
-        updates = {"module_stats": dict(state.module_stats), "spectral": dict(state.spectral)}
+        values, logged, metrics, states = [], [], {}, []
         for i, (t_logits, t_feats) in enumerate(inputs.teachers):
             params = {"student": inputs.params["student"], **self._own(inputs.params, i)}
-            own_state = state.replace(method_state=state.method_state[i],
-                                      module_stats=self._own(state.module_stats, i),
-                                      spectral=self._own(state.spectral, i), key_params=self._own(state.key_params, i))
+            own_state = inputs.method_state[i]
             out = self.inner.term(dataclasses.replace(
-                inputs, params=params, state=own_state, modules=self._own(inputs.modules, i), t_logits=t_logits,
-                t_feats=t_feats, key=jax.random.fold_in(inputs.key, i), teachers=()))
+                inputs, params=params, method_state=own_state, modules=self._own(inputs.modules, i),
+                t_logits=t_logits, t_feats=t_feats, key=jax.random.fold_in(inputs.key, i), teachers=()))
             values.append(out.value)
             logged.append(out.logged)
             for k, v in out.metrics.items():
                 metrics[f"{k}_t{i}"] = v
-            method_state.append(out.updates.get("method_state", state.method_state[i]))
-            for field in ("module_stats", "spectral"):
-                for n, v in out.updates.get(field, {}).items():
-                    updates[field][member_name(n, i)] = v
+            states.append(own_state if out.state is None else out.state)
         m = len(values)
         logged_mean = {k: sum(d[k] for d in logged) / m for k in logged[0]}
         for k in {k.rsplit("_t", 1)[0] for k in metrics}:  # the mean over teachers under the usual name, too
             metrics[k] = sum(metrics[f"{k}_t{i}"] for i in range(m)) / m
-        updates["method_state"] = tuple(method_state)
-        updates = {k: v for k, v in updates.items() if v or k == "method_state"}
-        return Term(sum(values) / m, logged_mean, metrics, updates)
+        return Term(sum(values) / m, logged_mean, metrics, tuple(states))

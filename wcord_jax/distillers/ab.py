@@ -28,11 +28,12 @@ class AB(Distiller):
         return zero_term()  # the main stage has no term of its own (RepDistiller)
 
     def init_term(self, inputs: StepInputs) -> Term:
-        stats = inputs.state.module_stats
+        state = inputs.method_state
+        stats = state["module_stats"]
         g_s, new = apply_with_batch_stats(inputs.modules["connector"], inputs.params["connector"],
                                           stats.get("connector", {}), inputs.s_feats[1:-1], train=True)
-        updates = {"module_stats": {**stats, "connector": new}} if new else {}  # (identities only: no BatchNorm)
-        return Term(losses.ab_loss(g_s, inputs.t_feats[1:-1], axis_name=inputs.axis_name), updates=updates)
+        new_state = {**state, "module_stats": {**stats, "connector": new}} if new else None  # (identities: no BN)
+        return Term(losses.ab_loss(g_s, inputs.t_feats[1:-1], axis_name=inputs.axis_name), state=new_state)
 
 
 register("ab", AB())

@@ -12,10 +12,11 @@ method and for nothing else:
   its checks, raising `ConfigError` with one line;
 * `modules(config, s_shapes, t_shapes)`: its trainable flax modules by name, with example inputs for their
   initialisation, from the student's and teacher's feature shapes;
-* `init_state(config, key, n_data)` / `state_spec(config, axis)`: its own state (memories, queues) and that
-  state's PartitionSpecs over the `data` mesh;
-* `key_heads(config)` / `key_momentum(config)`: modules of which the engine keeps momentum (EMA) copies;
-* `term(inputs)`: its loss term on one device's shard, a pure function of `StepInputs`, returning a `Term`;
+* `init_state(config, key, n_data)` / `state_spec(config, axis)`: its own memories or queues and their
+  PartitionSpecs over the `data` mesh;
+* `key_heads(config)` / `key_momentum(config)`: modules of which it keeps momentum (EMA) copies;
+* `term(inputs)`: its loss term on one device's shard, a pure function of `StepInputs`, returning a `Term` (with
+  its state after the step);
 * `init_parts`, `init_term(inputs)`, `init_learning_rate(config)`: its init stage, if any (RepDistiller's AB, FT,
   FSP): what that stage trains and its loss;
 * `frozen_in_main`: modules the main stage does not train;
@@ -25,6 +26,14 @@ method and for nothing else:
   whether its term reads the teacher's logits (then a teacher trained on other classes is refused).
 
 Everything has a default, so a method that only adds a loss term defines `name`, `weights` and `term`.
+
+**Its state is its own.** The engine keeps one opaque `method state` per run (`DistillState.method`), made by
+`method_state` and read back by the distiller alone (`StepInputs.method_state`); a term returns the state after the
+step (`Term.state`), and `after_update` runs after every optimizer step of the main stage. The base class lays it
+out as a dict: `own` (what `init_state` makes: memories, queues), `module_stats` and `spectral` (its modules'
+BatchNorm statistics and spectral-norm vectors, from their initial variables) and `key_heads` (momentum copies of
+the `key_heads` modules, moved towards the trained ones by `after_update`). A method with other needs overrides
+these three and the engine does not change.
 """
 from __future__ import annotations
 
@@ -36,6 +45,8 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import PartitionSpec as P
 
+from wcord_jax.heads import SPECTRAL_COLLECTION
+
 
 @dataclasses.dataclass(frozen=True)
 class StepInputs:
@@ -44,7 +55,8 @@ class StepInputs:
     Attributes:
       config: the run's config.
       params: the trainable parameters being differentiated: {'student': ..., <module name>: ...}.
-      state: the `DistillState` before the step (method_state, module_stats, spectral, key_params, step, ...).
+      state: the `DistillState` before the step (its `step`, say).
+      method_state: the distiller's own state before the step (`Distiller.method_state`).
       modules: the distiller's flax modules by name (`Distiller.modules`, without the example inputs).
       s_logits, s_feats: the student's logits and feature list (compute dtype; differentiable).
       t_logits, t_feats: the frozen teacher's logits and feature list (float32, gradients stopped).
@@ -73,17 +85,17 @@ class StepInputs:
     steps_per_epoch: int
     first_main_step: int
     teachers: tuple = ()
+    method_state: Any = None
 
 
 class Term(NamedTuple):
     """A distiller's loss term: `value` (weighted by beta in the total), the named terms to log (`train/<name>`),
-    other metrics to log (not in the loss), and new values of state fields (`method_state`, `module_stats`,
-    `spectral`) after the step."""
+    other metrics to log (not in the loss), and the distiller's state after the step (None: unchanged)."""
 
     value: jax.Array
     logged: dict = {}
     metrics: dict = {}
-    updates: dict = {}
+    state: Any = None
 
 
 def zero_term() -> Term:
@@ -101,7 +113,6 @@ class Distiller:
     init_parts: tuple = ()  # what the init stage trains ('student_features' and module names); () no init stage
     init_trains_student: bool = True  # the init stage runs the student in training mode (its BatchNorm statistics)
     frozen_in_main: tuple = ()  # modules the main stage does not train
-    bench_shares: tuple = ()  # parts of the step the throughput bench times apart ('negatives', 'local')
     # How it distils an ensemble of teachers: 'logits' (it reads the teachers' logits only: it gets the ensemble's),
     # 'per_teacher' (its modules and state once per teacher, the mean of the per-teacher terms) or '' (it cannot).
     ensemble: str = ""
@@ -135,7 +146,7 @@ class Distiller:
         return {}
 
     def init_state(self, config, key: jax.Array, n_data: int) -> Any:
-        """This distiller's own state (memories, queues); {} if none."""
+        """This distiller's memories or queues (the `own` part of its state); {} if none."""
         return {}
 
     def state_spec(self, config, axis_name: str) -> Any:
@@ -143,12 +154,35 @@ class Distiller:
         return P()
 
     def key_heads(self, config) -> tuple:
-        """Names of modules whose momentum copies the engine keeps in `state.key_params` (updated after every
-        optimizer step as m * copy + (1 - m) * module, m = `key_momentum(config)`)."""
+        """Names of modules whose momentum copies its state keeps (`key_heads`, moved after every optimizer step as
+        m * copy + (1 - m) * module, m = `key_momentum(config)`)."""
         return ()
 
     def key_momentum(self, config) -> float:
         return 0.0
+
+    def method_state(self, config, key: jax.Array, n_data: int, variables: dict) -> Any:
+        """The whole state of this distiller at the start of a run; `variables` are its modules' initial variables
+        ({name: {'params': ..., 'batch_stats': ..., ...}})."""
+        module_stats = {n: v["batch_stats"] for n, v in sorted(variables.items()) if "batch_stats" in v}
+        spectral = {n: v[SPECTRAL_COLLECTION] for n, v in sorted(variables.items()) if SPECTRAL_COLLECTION in v}
+        key_heads = {n: jax.tree.map(jnp.copy, variables[n].get("params", {})) for n in self.key_heads(config)}
+        return {"own": self.init_state(config, key, n_data), "module_stats": module_stats, "spectral": spectral,
+                "key_heads": key_heads}
+
+    def method_state_spec(self, config, axis_name: str) -> Any:
+        """PartitionSpecs of `method_state` (a prefix tree)."""
+        return {"own": self.state_spec(config, axis_name), "module_stats": P(), "spectral": P(), "key_heads": P()}
+
+    def after_update(self, config, method_state: Any, params: dict) -> Any:
+        """The state after a main-stage optimizer step has made `params` ({'student': ..., module name: ...}):
+        the key heads move towards the trained modules."""
+        if not method_state.get("key_heads"):
+            return method_state
+        m = self.key_momentum(config)
+        moved = {k: jax.tree.map(lambda e, p: m * e + (1.0 - m) * p, v, params[k])
+                 for k, v in method_state["key_heads"].items()}
+        return {**method_state, "key_heads": moved}
 
     # The data --------------------------------------------------------------------------------------------------------
 

@@ -60,7 +60,6 @@ class CRD(Distiller):
     description = "contrastive representation distillation: NCE over a memory bank of negatives (Tian et al.)"
     weights = (1.0, 0.0, 0.8)
     config_section = "crd"
-    bench_shares = ("negatives",)
     ensemble = "per_teacher"
 
     def defaults(self):
@@ -90,9 +89,10 @@ class CRD(Distiller):
         emb_s = inputs.modules["embed_s"].apply({"params": inputs.params["embed_s"]},
                                                 inputs.s_feats[-1].astype(jnp.float32))
         emb_t = inputs.modules["embed_t"].apply({"params": inputs.params["embed_t"]}, inputs.t_feats[-1])
-        loss, memory = losses.crd_loss(inputs.state.method_state, emb_s, emb_t, inputs.batch["index"], idx, c.nce_t,
-                                       c.nce_m, axis_name=ax)
-        return Term(loss, {"crd": loss}, heads.embedding_health(emb_s, emb_t, ax), {"method_state": memory})
+        state = inputs.method_state
+        loss, memory = losses.crd_loss(state["own"], emb_s, emb_t, inputs.batch["index"], idx, c.nce_t, c.nce_m,
+                                       axis_name=ax)
+        return Term(loss, {"crd": loss}, heads.embedding_health(emb_s, emb_t, ax), {**state, "own": memory})
 
 
 register("crd", CRD())

@@ -36,11 +36,12 @@ class FitNet(Distiller):
         return {"conv_reg": (reg, (jnp.zeros(s_shapes[h]), False))}
 
     def term(self, inputs: StepInputs) -> Term:
-        h, stats = inputs.config.fitnet.hint_layer, inputs.state.module_stats
+        h, state = inputs.config.fitnet.hint_layer, inputs.method_state
+        stats = state["module_stats"]
         reg, new = apply_with_batch_stats(inputs.modules["conv_reg"], inputs.params["conv_reg"], stats["conv_reg"],
                                           inputs.s_feats[h], train=True)
         loss = losses.fitnet_loss(reg, inputs.t_feats[h], axis_name=inputs.axis_name)
-        return Term(loss, {self.name: loss}, {}, {"module_stats": {**stats, "conv_reg": new}})
+        return Term(loss, {self.name: loss}, {}, {**state, "module_stats": {**stats, "conv_reg": new}})
 
 
 register("fitnet", FitNet())

@@ -32,13 +32,14 @@ class FT(Distiller):
         return super().init_learning_rate(config)
 
     def term(self, inputs: StepInputs) -> Term:
-        stats = inputs.state.module_stats
+        state = inputs.method_state
+        stats = state["module_stats"]
         factor_t = inputs.modules["paraphraser"].apply({"params": inputs.params["paraphraser"]}, inputs.t_feats[-2],
                                                        is_factor=True)
         factor_s, new = apply_with_batch_stats(inputs.modules["translator"], inputs.params["translator"],
                                                stats["translator"], inputs.s_feats[-2], train=True)
         loss = losses.ft_loss(factor_s, lax.stop_gradient(factor_t), axis_name=inputs.axis_name)
-        return Term(loss, {self.name: loss}, {}, {"module_stats": {**stats, "translator": new}})
+        return Term(loss, {self.name: loss}, {}, {**state, "module_stats": {**stats, "translator": new}})
 
     def init_term(self, inputs: StepInputs) -> Term:
         t = inputs.t_feats[-2]

@@ -6,7 +6,7 @@ The term is lambda_global * global + lambda_local * local:
   normalised by default) in a contrastive NCE. The negatives come from a queue of past keys (`negatives=queue`,
   K = num_negatives rows split over the devices), the other examples of the global batch (`batch`, CLIP's symmetric
   InfoNCE) or CRD's memory bank (`memory`). With `key_heads=ema` the positive key of each anchor and every queued
-  key come from momentum copies of both heads (MoCo), which the engine keeps as `state.key_params`;
+  key come from momentum copies of both heads (MoCo), kept in its state (`key_heads`);
   `key_heads=trained` (keys from the trained heads) is the first design, kept as an ablation: it collapses.
 * local (the primal form): entropic optimal transport between the batch's student and teacher embeddings (ott-jax
   Sinkhorn), over the all-gathered batch (`local_scope=global`) or per device.
@@ -58,7 +58,6 @@ class WCoRD(Distiller):
                    "Sinkhorn OT within the batch (local)")
     weights = (1.0, 0.0, 0.8)
     config_section = "wcord"
-    bench_shares = ("local", "negatives")
     ensemble = "per_teacher"
 
     def defaults(self):
@@ -139,32 +138,35 @@ class WCoRD(Distiller):
             check_negatives(config.crd, class_index)
 
     def term(self, inputs: StepInputs) -> Term:
-        config, state, params, ax = inputs.config, inputs.state, inputs.params, inputs.axis_name
+        config, params, ax = inputs.config, inputs.params, inputs.axis_name
+        state = inputs.method_state
+        spectral, key_heads = state["spectral"], state["key_heads"]
         w = config.wcord
         embed_s, embed_t = inputs.modules["embed_s"], inputs.modules["embed_t"]
         s_feat, t_feat = inputs.s_feats[-1].astype(jnp.float32), inputs.t_feats[-1]
-        emb_s, spec_s = heads.apply_embed(embed_s, params["embed_s"], state.spectral.get("embed_s"), s_feat, True)
-        emb_t, spec_t = heads.apply_embed(embed_t, params["embed_t"], state.spectral.get("embed_t"), t_feat, True)
-        updates = {"spectral": {"embed_s": spec_s, "embed_t": spec_t}} if state.spectral else {}
+        emb_s, spec_s = heads.apply_embed(embed_s, params["embed_s"], spectral.get("embed_s"), s_feat, True)
+        emb_t, spec_t = heads.apply_embed(embed_t, params["embed_t"], spectral.get("embed_t"), t_feat, True)
+        new_state = dict(state)
+        if spectral:
+            new_state["spectral"] = {"embed_s": spec_s, "embed_t": spec_t}
         metrics = heads.embedding_health(emb_s, emb_t, ax)
         key_s = key_t = None
-        if state.key_params:  # the momentum heads' keys of the live student's and the teacher's features
-            key_s = lax.stop_gradient(heads.apply_embed(embed_s, state.key_params["embed_s"],
-                                                        state.spectral.get("embed_s"), lax.stop_gradient(s_feat),
-                                                        False)[0])
-            key_t = lax.stop_gradient(heads.apply_embed(embed_t, state.key_params["embed_t"],
-                                                        state.spectral.get("embed_t"), t_feat, False)[0])
+        if key_heads:  # the momentum heads' keys of the live student's and the teacher's features
+            key_s = lax.stop_gradient(heads.apply_embed(embed_s, key_heads["embed_s"], spectral.get("embed_s"),
+                                                        lax.stop_gradient(s_feat), False)[0])
+            key_t = lax.stop_gradient(heads.apply_embed(embed_t, key_heads["embed_t"], spectral.get("embed_t"),
+                                                        t_feat, False)[0])
         both = w.directions == "both"
         if w.negatives == "batch":
             glob = losses.wcord_global_loss_batch(emb_s, emb_t, w.tau, axis_name=ax, teacher_anchors=both)
         elif w.negatives == "queue":
-            glob, updates["method_state"] = losses.wcord_global_loss(
-                state.method_state, emb_s, emb_t, w.tau, axis_name=ax, key_s=key_s, key_t=key_t,
+            glob, new_state["own"] = losses.wcord_global_loss(
+                state["own"], emb_s, emb_t, w.tau, axis_name=ax, key_s=key_s, key_t=key_t,
                 teacher_anchors=both, student_queue_size=student_queue_size(w))
         else:
             idx = contrast_idx(inputs.key, inputs.batch, inputs.class_index, config.crd, ax)
-            glob, updates["method_state"] = losses.wcord_global_loss_memory(
-                state.method_state, emb_s, emb_t, inputs.batch["index"], idx, w.tau, config.crd.nce_m,
+            glob, new_state["own"] = losses.wcord_global_loss_memory(
+                state["own"], emb_s, emb_t, inputs.batch["index"], idx, w.tau, config.crd.nce_m,
                 axis_name=ax, key_s=key_s, key_t=key_t, teacher_anchors=both)
         mode = LOCAL_GRADIENTS[w.local_gradient]
         per_device = w.local_scope == "device"
@@ -182,7 +184,7 @@ class WCoRD(Distiller):
             gp = gradient_penalty(embed_s, embed_t, params, s_feat, t_feat, w.tau, ax)
             logged["wcord_gp"] = gp
             value = value + w.gp_weight * gp
-        return Term(value, logged, metrics, updates)
+        return Term(value, logged, metrics, new_state)
 
 
 register("wcord", WCoRD())
