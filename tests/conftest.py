@@ -45,6 +45,7 @@ def shrink(config, *, num_train=64, num_test=32, image_size=16, num_classes=4, b
     config.progress_bar = False
     if "crd" in config:
         config.crd.nce_k = 32
+    if "wcord" in config:
         config.wcord.num_negatives = 64
     for key, value in overrides.items():
         node = config

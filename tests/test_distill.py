@@ -229,6 +229,28 @@ def test_bad_wcord_settings_are_one_clear_error(key, value, message):
         distill.validate(config, 1)
 
 
+@pytest.mark.parametrize("key, value", [("key_heads", "trained"), ("queue_init", "random")])
+def test_ablation_only_settings_need_the_ablation_flag(key, value):
+    config = _distill_config("wcord", "/nonexistent")
+    config.wcord[key] = value
+    with pytest.raises(core.ConfigError, match=rf"^wcord.{key}={value} is kept only as an ablation \(.+\); add "
+                                                r"--config.wcord.ablation=True to run it anyway$"):
+        distill.validate(config, 1)
+    config.wcord.ablation = True
+    distill.validate(config, 1)
+
+
+def test_a_config_holds_only_its_method_s_sections():
+    from wcord_jax import distillers
+
+    every = set(distillers.sections())
+    assert {"crd", "wcord", "fitnet", "dkd", "lskd"} <= every
+    for method, own in (("none", set()), ("kd", set()), ("crd", {"crd"}), ("crdkd", {"crd"}),
+                        ("wcord", {"wcord", "crd"}), ("cc", {"crd"}), ("fitnet", {"fitnet"}), ("dkd", {"dkd"})):
+        config = configs.distill_config(method, "resnet8", "resnet8")
+        assert every & set(config) == own, (method, sorted(every & set(config)))
+
+
 def test_crd_with_more_negatives_than_a_pool_draws_with_replacement_and_says_so_once(teacher_dir, caplog):
     from conftest import first_steps
 

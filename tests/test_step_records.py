@@ -37,7 +37,7 @@ CASES = {m: (m, {}) for m in METHODS}
 CASES.update({
     "wcord:batch": ("wcord", {"wcord.negatives": "batch"}),
     "wcord:memory": ("wcord", {"wcord.negatives": "memory"}),
-    "wcord:trained_keys": ("wcord", {"wcord.key_heads": "trained"}),
+    "wcord:trained_keys": ("wcord", {"wcord.key_heads": "trained", "wcord.ablation": True}),
     "wcord:student_gp": ("wcord", {"wcord.directions": "student", "wcord.lipschitz": "gradient_penalty",
                                    "wcord.local_gradient": "unrolled"}),
     "crd:replacement": ("crd", {"crd.sample_with_replacement": True}),

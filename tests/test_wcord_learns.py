@@ -72,7 +72,7 @@ def _window(history, name):
 
 def test_default_keys_learn_and_trained_keys_collapse(teacher_dir):
     default = _history(teacher_dir)
-    ablation = _history(teacher_dir, key_heads="trained")
+    ablation = _history(teacher_dir, key_heads="trained", ablation=True)
     cosines = ("emb_teacher_cos", "emb_student_cos")
 
     # Default (momentum key heads): the global term falls, the heads tell examples apart from the start, and each

@@ -56,7 +56,9 @@ def config_of(row: dict):
     c.progress_bar = False
     if row.get("small"):  # the bench's defaults keep these (SMALL_OVERRIDES)
         c.dataset.num_train = 4096
-        c.crd.nce_k = c.wcord.num_negatives = 1024
+        c.crd.nce_k = 1024
+        if "wcord" in c:
+            c.wcord.num_negatives = 1024
     return c
 
 

@@ -76,8 +76,8 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     """A student distilled from a frozen teacher with `method`, on the teacher's recipe (RepDistiller).
 
     The loss weights gamma (cross-entropy), alpha (KD) and beta (the method's own term) are the method's defaults
-    (`Distiller.weights`, RepDistiller's); every distiller's settings section (`crd`, `wcord`, `fitnet`, ...) is
-    present whatever the method, so that methods can share one (WCoRD's memory bank uses `crd.*`)."""
+    (`Distiller.weights`, RepDistiller's); the config holds the method's own settings section (`crd`, `wcord`,
+    `fitnet`, ...) and the ones it shares (WCoRD's memory bank reads `crd.*`), no other method's."""
     from wcord_jax import distillers
 
     distiller = distillers.get(method)  # ValueError naming the valid methods
@@ -98,6 +98,6 @@ def distill_config(method: str, teacher: str, student: str) -> ml_collections.Co
     c.init_epochs = 30 if distiller.init_parts else 0
     c.init_learning_rate = ml_collections.FieldReference(None, field_type=float)
     c.heads_lr_scale = 1.0  # learning rate of the embedding heads / the student's (SGD: scales their updates)
-    for section, defaults in distillers.sections().items():
+    for section, defaults in distillers.sections_of(method).items():
         c[section] = defaults
     return c

@@ -23,7 +23,7 @@ run() {  # run NAME SEED METHOD [overrides...]
 }
 for seed in 0 1 2; do
   run none "$seed" none
-  run trained_keys "$seed" wcord --config.wcord.key_heads=trained --config.wcord.student_queue_fraction=1
+  run trained_keys "$seed" wcord --config.wcord.key_heads=trained --config.wcord.ablation=True --config.wcord.student_queue_fraction=1
   run ema_0.99_whole_queue "$seed" wcord --config.wcord.key_momentum=0.99 --config.wcord.student_queue_fraction=1
   run ema_0.999_whole_queue "$seed" wcord --config.wcord.student_queue_fraction=1
   run ema_0.99_short_queue "$seed" wcord --config.wcord.key_momentum=0.99

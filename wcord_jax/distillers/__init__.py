@@ -68,6 +68,15 @@ def sections() -> dict:
     return out
 
 
+def sections_of(name: str) -> dict:
+    """{config section: its defaults} of the sections method `name` reads: its own and those it shares
+    (`Distiller.shared_sections`: WCoRD's memory bank reads `crd.*`)."""
+    distiller = get(name)
+    wanted = ((distiller.config_section,) if distiller.config_section else ()) + tuple(distiller.shared_sections)
+    every = sections()
+    return {s: every[s] for s in wanted}
+
+
 # `none` (no term of its own: the student trained alone, with the engine's cross-entropy) and `kd` (Hinton's KD,
 # which the engine computes for every method and weights by alpha) need nothing beyond the base class.
 register("none", Distiller(description="the student trained alone (cross-entropy)", weights=(1.0, 0.0, 0.0),

@@ -27,7 +27,8 @@ class PerTeacher(Distiller):
     def __init__(self, inner: Distiller, num_teachers: int):
         super().__init__(inner.name)
         self.inner, self.num_teachers = inner, num_teachers
-        for key in ("description", "weights", "config_section", "preact", "ensemble", "uses_teacher_logits"):
+        for key in ("description", "weights", "config_section", "shared_sections", "preact", "ensemble",
+                    "uses_teacher_logits"):
             setattr(self, key, getattr(inner, key))
         self.frozen_in_main = tuple(member_name(n, i) for n in inner.frozen_in_main for i in range(num_teachers))
         self._base_names: tuple = ()

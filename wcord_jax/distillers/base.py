@@ -6,7 +6,8 @@ method and for nothing else:
 
 * `weights`: (gamma, alpha, beta), RepDistiller's defaults of the run's total loss
   gamma * CE + alpha * KD + beta * term (KD is Hinton's, computed by the engine for every method);
-* `config_section` / `defaults()`: its own config section (`config.<section>.*`), present in every distill config;
+* `config_section` / `defaults()`: its own config section (`config.<section>.*`); a run's config holds that section
+  and the `shared_sections` it reads, no other method's;
 * `preact`: whether it taps the networks' pre-activation features;
 * `validate(config, num_devices)` and `check_pair(config, s_shapes, t_shapes)` (the second through `modules`):
   its checks, raising `ConfigError` with one line;
@@ -109,6 +110,7 @@ class Distiller:
     description: str = ""  # one line, for the README's table and `--help`
     weights: tuple = (1.0, 0.0, 1.0)  # (gamma, alpha, beta)
     config_section: Optional[str] = None  # config.<section>.* holds this distiller's settings
+    shared_sections: tuple = ()  # other distillers' sections it reads too (a run's config holds only these)
     preact: bool = False  # tap pre-activation features
     init_parts: tuple = ()  # what the init stage trains ('student_features' and module names); () no init stage
     init_trains_student: bool = True  # the init stage runs the student in training mode (its BatchNorm statistics)

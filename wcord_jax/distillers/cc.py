@@ -13,6 +13,7 @@ from wcord_jax.distillers.base import Distiller, StepInputs, Term
 class CC(Distiller):
     description = "correlation congruence: match correlations between consecutive examples' embeddings"
     weights = (1.0, 0.0, 0.02)
+    shared_sections = ("crd",)  # its embeddings are crd.feat_dim wide (RepDistiller's one --feat_dim)
 
     def modules(self, config, s_shapes, t_shapes):
         return {"embed_s": (dm.LinearEmbed(config.crd.feat_dim), (jnp.zeros(s_shapes[-1]),)),

@@ -31,6 +31,11 @@ LIPSCHITZ = ("spectral", "gradient_penalty", "none")
 NEGATIVES = ("queue", "batch", "memory")
 KEY_HEADS = ("ema", "trained")
 DIRECTIONS = ("both", "student")
+# Settings kept only to reproduce comparisons (docs/wcord.md), refused unless wcord.ablation=True: (key, value) ->
+# why it is not a setting to train with.
+ABLATIONS = {("key_heads", "trained"): "the first design: its heads collapse (tests/test_wcord_learns.py)",
+             ("queue_init", "random"): "MoCo's start, kept for comparison: random rows are scored as negatives "
+                                       "before any key is written"}
 # local_gradient -> wcord_local_loss's implicit_diff (None: stop the plan's gradient)
 LOCAL_GRADIENTS = {"implicit": "dense", "unrolled": False, "stop_plan": None}
 
@@ -58,6 +63,7 @@ class WCoRD(Distiller):
                    "Sinkhorn OT within the batch (local)")
     weights = (1.0, 0.0, 0.8)
     config_section = "wcord"
+    shared_sections = ("crd",)  # negatives=memory is CRD's memory bank, with its settings
     ensemble = "per_teacher"
 
     def defaults(self):
@@ -89,6 +95,8 @@ class WCoRD(Distiller):
         c.sinkhorn_threshold = 1e-3
         c.local_gradient = "implicit"  # implicit | unrolled | stop_plan
         c.local_scope = "global"  # global (OT over the all-gathered batch) | device (per-device batch)
+        # The settings kept only as ablations (ABLATIONS: key_heads=trained, queue_init=random) need ablation=True.
+        c.ablation = False
         return c
 
     def validate(self, config, num_devices):
@@ -98,6 +106,10 @@ class WCoRD(Distiller):
                            ("key_heads", KEY_HEADS), ("directions", DIRECTIONS), ("queue_init", ("empty", "random"))):
             if w[key] not in valid:
                 raise ConfigError(f"unknown wcord.{key} {w[key]!r}; valid: {', '.join(valid)}")
+        for (key, value), why in ABLATIONS.items():
+            if w[key] == value and not w.ablation:
+                raise ConfigError(f"wcord.{key}={value} is kept only as an ablation ({why}); add "
+                                  "--config.wcord.ablation=True to run it anyway")
         if not 0.0 <= w.key_momentum < 1.0:
             raise ConfigError(f"wcord.key_momentum must be in [0, 1), got {w.key_momentum}")
         if not 0.0 < w.student_queue_fraction <= 1.0:

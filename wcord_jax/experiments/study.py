@@ -55,7 +55,7 @@ ALL_METHODS = MAIN_METHODS + BASELINES
 # name -> wcord.* overrides of the defaults (EMA key heads, m = 0.999, both directions, the newest 1/8 of the student
 # queue for teacher anchors); each is run with method wcord over the study's seeds (preset ablation).
 ABLATION = {
-    "old keys (key_heads=trained)": {"key_heads": "trained"},
+    "old keys (key_heads=trained)": {"key_heads": "trained", "ablation": True},
     "key momentum 0.99": {"key_momentum": 0.99},
     "whole student queue": {"student_queue_fraction": 1.0},
     "student anchors only": {"directions": "student", "student_queue_fraction": 1.0},
@@ -169,9 +169,11 @@ def student_run_config(config, method: str, seed: int, teacher_dir: str,
     cfg.progress_bar = False
     if distillers.get(method).init_parts:
         cfg.init_epochs = init_epochs(config)
-    cfg.crd.nce_k = config.crd_nce_k
-    cfg.crd.sample_with_replacement = True  # the faster documented option (RepDistiller draws without replacement)
-    cfg.wcord.num_negatives = config.wcord_num_negatives
+    if "crd" in cfg:  # CRD, and WCoRD's memory bank
+        cfg.crd.nce_k = config.crd_nce_k
+        cfg.crd.sample_with_replacement = True  # the faster documented option (RepDistiller draws without)
+    if "wcord" in cfg:
+        cfg.wcord.num_negatives = config.wcord_num_negatives
     for k, v in (wcord_overrides or {}).items():
         cfg.wcord[k] = v
     for k, v in config.extra.items():
@@ -237,9 +239,7 @@ def stale_reason(run: dict) -> Optional[str]:
     if old is None:
         return None
     new = json.loads(run["config"].to_json_best_effort())
-    for key in _MATCH_KEYS:
-        if key == "wcord" and new.get("method") not in ("wcord", "wcordkd"):
-            continue  # the other methods do not read wcord.*: a changed WCoRD default leaves their runs valid
+    for key in _MATCH_KEYS:  # a section the planned run lacks (another method's) is not compared
         found = _first_difference(_lookup(old, key), _lookup(new, key), key)
         if found:
             return f"{run['workdir']} holds a run with {found[0]}={json.dumps(found[1])}, the study plans " \

@@ -360,7 +360,7 @@ _ot_cost_dense_implicit.defvjp(_ot_cost_dense_implicit_fwd, _ot_cost_dense_impli
 
 
 def wcord_local_loss(emb_s: jax.Array, emb_t: jax.Array, epsilon: float = 0.05, max_iterations: int = 100,
-                     threshold: float = 1e-3, implicit_diff: Union[bool, str] = True,
+                     threshold: float = 1e-3, implicit_diff: Union[bool, str] = "dense",
                      stop_plan_gradient: bool = False,
                      axis_name: Optional[str] = None) -> tuple[jax.Array, dict]:
     r"""WCoRD's local (primal-form) term: the transport cost of the entropic OT plan between the batch embeddings.
@@ -380,10 +380,12 @@ def wcord_local_loss(emb_s: jax.Array, emb_t: jax.Array, epsilon: float = 0.05, 
 
     Gradient modes (the forward value is the same in all):
 
-    * `implicit_diff=True` (default): ott's implicit differentiation (`ImplicitDiff`, lineax CG) through the plan.
-    * `implicit_diff='dense'`: this library's implicit differentiation of <P*, C> (same implicit-function-theorem
-      gradient, solved as one dense (2B x 2B) linear system in the backward pass). Unlike ott's, it works inside
-      `jax.shard_map`; its backward costs O(B^3), fine for batch sizes up to a few thousand.
+    * `implicit_diff='dense'` (default, what `wcord.local_gradient=implicit` runs): this library's implicit
+      differentiation of <P*, C> (the implicit-function-theorem gradient, solved as one dense (2B x 2B) linear
+      system in the backward pass). It works inside `jax.shard_map`; its backward costs O(B^3), fine for batch
+      sizes up to a few thousand.
+    * `implicit_diff=True`: ott's own implicit differentiation (`ImplicitDiff`, lineax CG), outside shard_map only
+      (see below): no training setting reaches it; the tests keep it as an independent reference for 'dense'.
     * `implicit_diff=False`: unrolled differentiation through the Sinkhorn iterations (ott `implicit_diff=None`).
     * `stop_plan_gradient=True`: the plan is held constant (solved on stop-gradient inputs) and the gradient flows
       only through C: dL/dC = P*. Overrides `implicit_diff`.
@@ -416,7 +418,8 @@ def wcord_local_loss(emb_s: jax.Array, emb_t: jax.Array, epsilon: float = 0.05, 
         numbers (static under jit).
       max_iterations: Sinkhorn iteration cap.
       threshold: Sinkhorn convergence threshold on the marginal error.
-      implicit_diff: True (ott implicit), 'dense' (this library's implicit), or False (unrolled).
+      implicit_diff: 'dense' (this library's implicit), True (ott's implicit, outside shard_map), or False
+        (unrolled).
       stop_plan_gradient: hold the plan constant in the backward pass.
       axis_name: batch mesh axis inside shard_map, or None.
 
