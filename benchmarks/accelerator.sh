@@ -12,4 +12,4 @@ missing = [m for m in ("jax", "flax", "optax", "ott", "ml_collections", "orbax.c
 if missing:
     sys.exit(f"error: missing Python packages {', '.join(missing)}: see docs/benchmark.md (on an accelerator)")
 PY
-exec python -m wcord_jax.bench_table "$@"
+exec python -m wcord_jax.tools.bench_table "$@"

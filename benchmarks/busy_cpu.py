@@ -8,7 +8,7 @@ Two workloads, each run as its own process (the device split is fixed when JAX s
 * `teacher`: the README demo's first run, a resnet14 teacher on Fashion-MNIST (batch 64), cut to its first
   `--teacher-steps` steps (`dataset.num_train`); img/s is the median of its logged windows after the first (which
   holds the compilation);
-* `crd`: `python -m wcord_jax.bench --config configs/distill.py:crd,resnet32x4,resnet8x4` (CRD's whole step, K = 16,384,
+* `crd`: `python -m wcord_jax.tools.bench --config configs/distill.py:crd,resnet32x4,resnet8x4` (CRD's whole step, K = 16,384,
   CIFAR-100's shapes, random weights), `--steps` timed steps.
 
 Variants: `1 device` (`cpu_devices=1`); `D devices, ahead A` (`cpu_devices=D`, at most A dispatches queued ahead of
@@ -61,7 +61,7 @@ def _run(workload: str, devices: int, ahead: int, args) -> dict:
     if workload == "teacher":
         cmd = [sys.executable, os.path.abspath(__file__), "--one", str(devices), str(ahead), str(args.teacher_steps)]
     else:
-        cmd = [sys.executable, "-m", "wcord_jax.bench", "--config", "configs/distill.py:crd,resnet32x4,resnet8x4",
+        cmd = [sys.executable, "-m", "wcord_jax.tools.bench", "--config", "configs/distill.py:crd,resnet32x4,resnet8x4",
                "--steps", str(args.steps), "--no-shares", f"--config.cpu_devices={devices}"]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=3600)
     if out.returncode != 0:

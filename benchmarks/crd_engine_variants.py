@@ -3,7 +3,7 @@ CRD engine changes, re-measured in the whole step"):
 
     python benchmarks/crd_engine_variants.py [STEPS]
 
-Variants of `python -m wcord_jax.bench`'s real step (resnet32x4 -> resnet8x4, batch 64, CIFAR-100's shapes):
+Variants of `python -m wcord_jax.tools.bench`'s real step (resnet32x4 -> resnet8x4, batch 64, CIFAR-100's shapes):
 scores by gathering the memory rows (`crd_loss(..., scores="gather")`) instead of one GEMM, the k-th smallest
 sampling key by a sort instead of the radix select, and both. Prints one JSON line.
 """
@@ -16,7 +16,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax.numpy as jnp  # noqa: E402
 
-from wcord_jax import bench, configs, losses  # noqa: E402
+from wcord_jax import configs, losses  # noqa: E402
+from wcord_jax.tools import bench
 from wcord_jax.losses import crd as crd_module  # noqa: E402
 
 

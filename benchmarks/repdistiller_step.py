@@ -1,6 +1,6 @@
 """Time RepDistiller's CRD training step (PyTorch, CPU) from a checkout of RepDistiller.
 
-The figure that `python -m wcord_jax.bench` is compared with in BENCHMARKS.md ("CPU: wcord_jax against
+The figure that `python -m wcord_jax.tools.bench` is compared with in BENCHMARKS.md ("CPU: wcord_jax against
 RepDistiller"). Not run in CI: it needs PyTorch (`pip install torch==2.13.0`, the CPU build) and a checkout of
 https://github.com/HobbitLong/RepDistiller.
 

@@ -13,7 +13,7 @@ alone so that XLA cannot fuse across them:
   gradient with respect to the heads' inputs.
 
 `benchmarks/repdistiller_step.py --parts` times the same parts of RepDistiller's PyTorch step. The sum of the parts
-against the whole step (`python -m wcord_jax.bench`) shows what the one compiled step saves or loses. Prints one JSON
+against the whole step (`python -m wcord_jax.tools.bench`) shows what the one compiled step saves or loses. Prints one JSON
 line; progress goes to stderr.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
     python benchmarks/step_profile.py [--steps 4] [--config configs/distill.py:crd,resnet32x4,resnet8x4] [BENCH FLAGS]
 
-Runs `python -m wcord_jax.bench` (one round, no shares) with the jax profiler on for its timed steps and the
+Runs `python -m wcord_jax.tools.bench` (one round, no shares) with the jax profiler on for its timed steps and the
 optimised HLO dumped, then adds up the duration of every top-level op of the compiled step, per device and step,
 into groups read from each op's `op_name` (the JAX call path XLA keeps in its metadata):
 
@@ -130,7 +130,7 @@ def main(argv: list[str]) -> int:
     sys.path.insert(0, ROOT)
     os.chdir(ROOT)
     import jax
-    from wcord_jax import bench
+    from wcord_jax.tools import bench
 
     run, calls = bench._Variant.run, [0]  # noqa: SLF001
 

@@ -13,7 +13,7 @@ Offline, with a network trained on Fashion-MNIST classes 0-4 only:
   python -m wcord_jax.main --config configs/linear_probe.py:fashion_mnist_heldout --workdir runs/probe59 \\
       --config.student.checkpoint=runs/t04
 """
-from wcord_jax.probe import probe_config
+from wcord_jax.tools.probe import probe_config
 
 
 def get_config(arg: str = "stl10"):

@@ -18,4 +18,4 @@ python -m wcord_jax.main --config "configs/distill.py:wcord,$TEACHER,$STUDENT" -
   --config.teacher.checkpoint="$WORKDIR/teacher" "${COMMON[@]}" "$@"
 python -m wcord_jax.main --config "configs/distill.py:none,$TEACHER,$STUDENT" --workdir "$WORKDIR/alone" \
   --config.teacher.checkpoint="$WORKDIR/teacher" "${COMMON[@]}" "$@"
-python -m wcord_jax.summary "$WORKDIR/teacher" "$WORKDIR/wcord" "$WORKDIR/alone"
+python -m wcord_jax.tools.summary "$WORKDIR/teacher" "$WORKDIR/wcord" "$WORKDIR/alone"

@@ -1,4 +1,4 @@
-"""The throughput bench (`python -m wcord_jax.bench`): one JSON line with sane figures, shares where they apply, no
+"""The throughput bench (`python -m wcord_jax.tools.bench`): one JSON line with sane figures, shares where they apply, no
 TensorFlow, and a bad command is one `error:` line with exit status 2."""
 import json
 import os
@@ -7,24 +7,25 @@ import sys
 
 import pytest
 
-from wcord_jax import bench, configs, host
+from wcord_jax import configs, host
+from wcord_jax.tools import bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--config.batch_size=8", "--config.dataset.image_size=16", "--config.dataset.num_train=256",
         "--config.wcord.num_negatives=64", "--steps", "2", "--warmup", "1"]
 FIELDS = ("method", "teacher", "student", "img_per_s", "ms_per_step", "compile_s", "device_kind", "device_count",
           "backend", "dtype", "batch_size", "steps", "peak_memory_bytes", "sinkhorn_share", "negatives_share")
-# The bench as `python -m wcord_jax.bench ARGS`, with TensorFlow made unimportable (as if not installed).
+# The bench as `python -m wcord_jax.tools.bench ARGS`, with TensorFlow made unimportable (as if not installed).
 NO_TF = ("import sys\n"
          "for name in ('tensorflow', 'tensorflow_datasets'):\n"
          "    sys.modules[name] = None\n"
-         "sys.argv = ['wcord_jax.bench'] + sys.argv[1:]\n"
+         "sys.argv = ['wcord_jax.tools.bench'] + sys.argv[1:]\n"
          "from wcord_jax import bench\n"
          "bench.run()\n")
 
 
 def _run(*args, no_tensorflow=False):
-    cmd = [sys.executable, "-c", NO_TF, *args] if no_tensorflow else [sys.executable, "-m", "wcord_jax.bench", *args]
+    cmd = [sys.executable, "-c", NO_TF, *args] if no_tensorflow else [sys.executable, "-m", "wcord_jax.tools.bench", *args]
     return subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
                           timeout=300)
 
@@ -87,7 +88,7 @@ def test_unknown_method_is_one_error_line_and_exit_2():
 @pytest.mark.slow
 def test_accelerator_table_runs_its_smallest_setting_on_the_cpu(tmp_path):
     """benchmarks/accelerator.sh as a user runs it, at its smallest setting: one table with a row per method."""
-    from wcord_jax import bench_table
+    from wcord_jax.tools import bench_table
 
     rows = bench_table.rows()
     assert len(rows) == 48 and rows[0] == {"method": "wcord", "teacher": "resnet32x4", "student": "resnet8x4",
@@ -178,7 +179,7 @@ def test_accelerator_table_plans_its_rows_and_formats_them(tmp_path):
     """benchmarks/accelerator.sh's table without timing anything: its rows most important first, each row's config,
     a record's line with the 240-epoch projection (240 x 50,000 images at its speed), and a spent budget skips the
     rest and lists them."""
-    from wcord_jax import bench_table
+    from wcord_jax.tools import bench_table
 
     rows = bench_table.rows()
     assert len(rows) == 2 * 2 * 2 * 3 * 2 and len({json.dumps(r, sort_keys=True) for r in rows}) == len(rows)

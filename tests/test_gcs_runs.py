@@ -15,7 +15,8 @@ import numpy as np
 import pytest
 
 from test_paths import bucket_objects
-from wcord_jax import checkpoint, metrics, pictures, probe, summary
+from wcord_jax import checkpoint, metrics
+from wcord_jax.tools import pictures, probe, summary
 
 pytestmark = pytest.mark.slow  # the command line
 

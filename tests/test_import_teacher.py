@@ -1,4 +1,4 @@
-"""Teachers from PyTorch (`python -m wcord_jax.import_teacher`): a PyTorch network with random weights and random
+"""Teachers from PyTorch (`python -m wcord_jax.tools.import_teacher`): a PyTorch network with random weights and random
 batch-norm statistics, saved as RepDistiller (or torchvision) saves it, imported, gives PyTorch's eval-mode logits and
 feature list; broken files and unsafe pickles are one line with exit status 2; an imported teacher distils.
 
@@ -20,7 +20,8 @@ nn = torch.nn
 F = torch.nn.functional
 
 from wcord_jax import checkpoint as ckpt_lib  # noqa: E402
-from wcord_jax import configs, import_teacher, models  # noqa: E402
+from wcord_jax import configs, models  # noqa: E402
+from wcord_jax.tools import import_teacher
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -439,7 +440,7 @@ def _env():
 
 
 def _cli(*args, timeout=300):
-    cmd = [sys.executable, "-m", "wcord_jax.import_teacher", *args]
+    cmd = [sys.executable, "-m", "wcord_jax.tools.import_teacher", *args]
     return subprocess.run(cmd, cwd=ROOT, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 

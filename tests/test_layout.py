@@ -15,8 +15,7 @@ LOADED = ("import json, sys\n"
           "print(json.dumps(sorted(sys.modules)))\n")
 RUN_LOOP = ("wcord_jax.train", "wcord_jax.distill", "wcord_jax.loop", "wcord_jax.step", "wcord_jax.feeds",
             "wcord_jax.checkpoint", "wcord_jax.metrics", "wcord_jax.main")
-TOOLS = ("wcord_jax.bench", "wcord_jax.bench_table", "wcord_jax.pictures", "wcord_jax.summary", "wcord_jax.probe",
-         "wcord_jax.import_teacher", "wcord_jax.experiments")
+TOOLS = ("wcord_jax.tools",)  # bench, bench_table, pictures, summary, probe, import_teacher, study, beyond
 # module -> modules of the library it must not import, at any level of the file: what comes after it in the flow
 # main -> trainer / engine -> loop -> feeds -> step
 BELOW = {"wcord_jax.step": ("wcord_jax.feeds", "wcord_jax.loop", "wcord_jax.train", "wcord_jax.distill"),
@@ -84,5 +83,7 @@ def test_no_module_of_the_library_imports_a_tool_and_the_flow_goes_one_way():
 def test_the_layout_check_sees_a_tool_import(tmp_path):
     """The check above reads imports inside functions too."""
     path = tmp_path / "m.py"
-    path.write_text("def f():\n    from wcord_jax import pictures\n    import wcord_jax.loop\n")
-    assert {"wcord_jax.pictures", "wcord_jax.loop"} <= _imports(str(path))
+    path.write_text("def f():\n    from wcord_jax.tools import pictures\n    import wcord_jax.loop\n")
+    imported = _imports(str(path))
+    assert {"wcord_jax.tools.pictures", "wcord_jax.loop"} <= imported
+    assert [m for m in imported if _is(m, TOOLS)] and not _is("wcord_jax.toolsx", TOOLS)

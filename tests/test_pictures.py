@@ -1,4 +1,4 @@
-"""`python -m wcord_jax.pictures`: the correlation maths, and both commands on tiny synthetic runs."""
+"""`python -m wcord_jax.tools.pictures`: the correlation maths, and both commands on tiny synthetic runs."""
 import json
 import os
 import subprocess
@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from wcord_jax import pictures
+from wcord_jax.tools import pictures
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
@@ -24,7 +24,7 @@ def _run(module, *args, timeout=300):
 
 
 def _pictures(*args):
-    return _run("wcord_jax.pictures", *args)
+    return _run("wcord_jax.tools.pictures", *args)
 
 
 def _assert_png(path):

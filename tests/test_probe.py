@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from wcord_jax import checkpoint as ckpt_lib
-from wcord_jax import configs, data, models, probe
+from wcord_jax import configs, data, models
+from wcord_jax.tools import probe
 from wcord_jax.data import sources
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from conftest import small_distill_config
-from wcord_jax import checkpoint, distill, pictures, probe, rundir
+from wcord_jax import checkpoint, distill, rundir
+from wcord_jax.tools import pictures, probe
 from wcord_jax import metrics as metrics_lib
 
 # case -> (method, number of teachers): students with regressors (FitNet), variational heads (VID), connectors

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from wcord_jax import configs, distillers
-from wcord_jax.experiments import study
+from wcord_jax.tools import study
 
 
 
@@ -207,7 +207,7 @@ def test_one_seed_shows_no_spread():
 
 
 def test_beyond_plan_runs_each_task_with_its_views_and_teachers():
-    from wcord_jax.experiments import beyond
+    from wcord_jax.tools import beyond
 
     config = beyond.beyond_config()
     runs = beyond.plan(config, "W")
@@ -237,7 +237,7 @@ def test_beyond_plan_runs_each_task_with_its_views_and_teachers():
 
 
 def _fake_beyond(config, workdir, seeds, rng):
-    from wcord_jax.experiments import beyond
+    from wcord_jax.tools import beyond
 
     config = beyond.beyond_config("quick") if config is None else config
     config.seeds = tuple(seeds)
@@ -252,7 +252,7 @@ def test_beyond_report_adds_the_seeds_of_an_earlier_part(tmp_path):
     """An experiment finished in two parts: the second workdir's report holds both parts' seeds, each entry naming
     its file and CPU; a seed the workdir has itself is not replaced; a file that is not a report is one line."""
     from wcord_jax import core, host
-    from wcord_jax.experiments import beyond
+    from wcord_jax.tools import beyond
 
     rng = np.random.default_rng(3)
     first = _fake_beyond(None, tmp_path / "a", (0, 1), rng)
@@ -372,7 +372,7 @@ def _add_heads(workdir, pos, student, teacher, per_teacher=None):
 def test_beyond_report_tells_collapsed_heads_from_learning_ones(tmp_path):
     """The report's heads table: the last window's cosines averaged over seeds, the worst off-diagonal cosine of any
     seed or ensemble member, and "collapsed" from 0.9 on; runs without heads (KD) have no row."""
-    from wcord_jax.experiments import beyond
+    from wcord_jax.tools import beyond
 
     rng = np.random.default_rng(0)
     config = _fake_beyond(None, tmp_path, (0, 1), rng)

@@ -1,7 +1,7 @@
-"""`python -m wcord_jax.summary`: the table of runs a person reads."""
+"""`python -m wcord_jax.tools.summary`: the table of runs a person reads."""
 import json
 
-from wcord_jax import summary
+from wcord_jax.tools import summary
 
 
 def _run(path, config, events):

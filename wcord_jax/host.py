@@ -1,6 +1,6 @@
 """XLA:CPU settings chosen at start-up, before JAX creates its devices: `configure(config)`.
 
-Two config keys, read by `python -m wcord_jax.main` and `python -m wcord_jax.bench` (they only matter where the
+Two config keys, read by `python -m wcord_jax.main` and `python -m wcord_jax.tools.bench` (they only matter where the
 computation runs on the CPU; on a GPU or TPU they change nothing that runs):
 
 * `cpu_devices` (default 0 = auto): how many XLA devices the host CPU is split into

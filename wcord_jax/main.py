@@ -107,7 +107,8 @@ def main(argv: list[str]) -> None:
     except ValueError as e:
         _fail(f"multi-process setup: {e}")
 
-    from wcord_jax import core, distill, loop, probe, train
+    from wcord_jax import core, distill, loop, train
+    from wcord_jax.tools import probe
     from wcord_jax.checkpoint import CheckpointError
     from wcord_jax.data import DataNotFoundError
 

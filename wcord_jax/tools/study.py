@@ -1,8 +1,8 @@
 """The distillation accuracy study: one teacher, the methods over several seeds, a WCoRD ablation, tables and plots.
 
-    python -m wcord_jax.experiments.study --config configs/study.py --workdir runs/study            # preset main
-    python -m wcord_jax.experiments.study --config configs/study.py:ablation --workdir runs/study   # or
-    python -m wcord_jax.experiments.study --config configs/study.py --config.preset=ablation --workdir runs/study
+    python -m wcord_jax.tools.study --config configs/study.py --workdir runs/study            # preset main
+    python -m wcord_jax.tools.study --config configs/study.py:ablation --workdir runs/study   # or
+    python -m wcord_jax.tools.study --config configs/study.py --config.preset=ablation --workdir runs/study
 
 Protocol (Fashion-MNIST, offline): a resnet32 teacher trained for 2 epochs on all 60,000 training images; resnet8
 students distilled for 30 epochs on a 2,000-image subset (batch 64; the recipe's step decays scale with the run

@@ -1,8 +1,8 @@
 """Beyond compression: privileged information, cross-modal transfer, ensembles and teachers of another task.
 
-    python -m wcord_jax.experiments.beyond --config configs/beyond.py --workdir runs/study
+    python -m wcord_jax.tools.beyond --config configs/beyond.py --workdir runs/study
 
-Four tasks on the Fashion-MNIST study's protocol (`wcord_jax.experiments.study`: resnet8 students, 30 epochs on
+Four tasks on the Fashion-MNIST study's protocol (`wcord_jax.tools.study`: resnet8 students, 30 epochs on
 2,000 training images, test top-1 on 5,000 test images, seeds 0, 1, 2), each with the student alone, KD, CRD and
 WCoRD (the library's defaults):
 
@@ -35,7 +35,7 @@ import numpy as np
 
 from wcord_jax import configs as configs_lib
 from wcord_jax import rundir
-from wcord_jax.experiments import study
+from wcord_jax.tools import study
 
 log = logging.getLogger("wcord_jax")
 

@@ -1,7 +1,7 @@
 """One table of distillation step speeds on an accelerator: `bash benchmarks/accelerator.sh` (or
-`python -m wcord_jax.bench_table`).
+`python -m wcord_jax.tools.bench_table`).
 
-Times `wcord_jax.bench.run_benchmark` (the real train step, random teacher weights, synthetic data of CIFAR-100's
+Times `wcord_jax.tools.bench.run_benchmark` (the real train step, random teacher weights, synthetic data of CIFAR-100's
 shapes) for CRD and WCoRD on resnet32x4 -> resnet8x4 and wrn_40_2 -> wrn_16_2, float32 and bfloat16, global batch
 64, 256 and 1024, steps_per_dispatch 1 and 8, in one process, and prints one Markdown table: img/s, ms/step, compile
 seconds, peak device memory and the projected wall time of the 240-epoch CIFAR-100 recipe (240 x 50,000 images at
@@ -20,8 +20,8 @@ import time
 
 from absl import app, flags
 
-from wcord_jax import bench
 from wcord_jax import main as cli
+from wcord_jax.tools import bench
 
 _BUDGET = flags.DEFINE_float("budget_s", 420.0, "Start no new row after this many seconds.")
 _SMALLEST = flags.DEFINE_boolean("smallest", False, "One small float32 row per method (a CPU check).")

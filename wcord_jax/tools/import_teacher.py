@@ -1,12 +1,12 @@
-"""Teachers from PyTorch: `python -m wcord_jax.import_teacher --source S --model M --checkpoint FILE --workdir DIR`.
+"""Teachers from PyTorch: `python -m wcord_jax.tools.import_teacher --source S --model M --checkpoint FILE --workdir DIR`.
 
 Reads a published PyTorch checkpoint (RepDistiller's / mdistiller's CIFAR-100 teachers, torchvision's ImageNet
 ResNets), maps every tensor onto the zoo's flax network and writes DIR as a finished teacher run, which
 `--config.teacher.checkpoint=DIR` then loads like one trained here:
 
-    python -m wcord_jax.import_teacher --source repdistiller --model resnet32x4 \\
+    python -m wcord_jax.tools.import_teacher --source repdistiller --model resnet32x4 \\
         --checkpoint cifar_teachers/resnet32x4_vanilla/ckpt_epoch_240.pth --workdir runs/resnet32x4
-    python -m wcord_jax.import_teacher --source torchvision --model resnet34 \\
+    python -m wcord_jax.tools.import_teacher --source torchvision --model resnet34 \\
         --checkpoint resnet34-b627a593.pth --workdir runs/resnet34
 
 * The file: RepDistiller's `{'model': state_dict, ...}` or a bare state_dict, with or without DataParallel's
@@ -330,7 +330,7 @@ def main(argv: list[str]) -> None:
     values = {name: flag.value for name, flag in _FLAGS.items()}
     for name in ("source", "model", "checkpoint", "workdir"):
         if not values[name]:
-            _fail(f"--{name} is required (python -m wcord_jax.import_teacher --source {'|'.join(SOURCES)} "
+            _fail(f"--{name} is required (python -m wcord_jax.tools.import_teacher --source {'|'.join(SOURCES)} "
                   "--model NAME --checkpoint FILE.pth --workdir DIR)")
     config = values["config"]
     _setup_logging()

@@ -1,10 +1,10 @@
-"""Throughput of the real distillation train step: `python -m wcord_jax.bench --config configs/distill.py:M,T,S`.
+"""Throughput of the real distillation train step: `python -m wcord_jax.tools.bench --config configs/distill.py:M,T,S`.
 
 Runs `distill.distill_step` exactly as a training run compiles it (`feed.make_runner`: jit of a shard_map over the
 `data` mesh, donated state, batches gathered and augmented on the device) on the synthetic data set, on whatever
 devices JAX sees, and prints ONE JSON line on stdout (progress goes to stderr):
 
-  python -m wcord_jax.bench --config configs/distill.py:crd,resnet32x4,resnet8x4 [--steps 20] [--warmup 3]
+  python -m wcord_jax.tools.bench --config configs/distill.py:crd,resnet32x4,resnet8x4 [--steps 20] [--warmup 3]
       [--rounds 1] [--no-shares] [--config.batch_size=128 --config.dtype=bfloat16 ...]
 
 The data set is forced to `synthetic`, by default with CIFAR-100's shapes (50000 training images of 32x32x3, 100

@@ -1,4 +1,4 @@
-"""One table of finished (or running) runs: `python -m wcord_jax.summary WORKDIR [WORKDIR ...]`.
+"""One table of finished (or running) runs: `python -m wcord_jax.tools.summary WORKDIR [WORKDIR ...]`.
 
 For each workdir: what was trained (teacher run, or method / teacher -> student), the epochs done, the final and best
 test top-1, and for distillation runs the teacher's own test top-1 as logged before training.
@@ -53,7 +53,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m wcord_jax.summary WORKDIR [WORKDIR ...]", file=sys.stderr)
+        print("usage: python -m wcord_jax.tools.summary WORKDIR [WORKDIR ...]", file=sys.stderr)
         return 2 if not argv else 0
     rows = []
     for workdir in argv:

@@ -1,8 +1,8 @@
 """Pictures of finished runs: training curves and the CRD correlation-difference figure.
 
-    python -m wcord_jax.pictures curves WORKDIR [WORKDIR ...] --out curves.png [--metric eval/top1] [--labels A B ..]
+    python -m wcord_jax.tools.pictures curves WORKDIR [WORKDIR ...] --out curves.png [--metric eval/top1] [--labels A B ..]
         [--terms TERM ...]
-    python -m wcord_jax.pictures correlation --teacher TEACHER_WORKDIR --student STUDENT_WORKDIR --out corr.png [--json]
+    python -m wcord_jax.tools.pictures correlation --teacher TEACHER_WORKDIR --student STUDENT_WORKDIR --out corr.png [--json]
 
 `curves` reads each run's `metrics.jsonl`: the chosen metric (test top-1 by default) per epoch, the train loss per
 logged step and, for distillation runs, each loss term `train/<term>` in a small panel of its own (`--terms` picks
@@ -370,7 +370,7 @@ def _fail(message: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="python -m wcord_jax.pictures", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m wcord_jax.tools.pictures", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="{curves,correlation}")
     curves = sub.add_parser("curves", help="training curves of one or more runs")
     curves.add_argument("workdirs", nargs="+", metavar="WORKDIR")
