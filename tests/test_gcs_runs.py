@@ -14,7 +14,6 @@ import jax
 import numpy as np
 import pytest
 
-from test_paths import bucket_objects
 from wcord_jax import checkpoint, metrics
 from wcord_jax.tools import pictures, probe, summary
 
@@ -57,7 +56,7 @@ def stop_mid_epoch(gcs, workdir, *args, at="epoch 2/2 step 3/8"):
 def test_a_teacher_on_gcs_resumes_from_the_bucket_and_a_student_distils_from_it(gcs, tmp_path, capsys):
     straight, stopped, student = (f"{gcs.root}/{name}" for name in ("straight", "stopped", "student"))
     run(gcs, straight, "--config.num_epochs=2")
-    objects = bucket_objects(straight)
+    objects = gcs.objects(straight)
     assert {"config.json", "metrics.jsonl"} <= set(objects)
     assert any(name.startswith("events.out.tfevents.") for name in objects)
     assert any(name.startswith("checkpoints/last/16/") for name in objects)
@@ -81,7 +80,7 @@ def test_a_teacher_on_gcs_resumes_from_the_bucket_and_a_student_distils_from_it(
         config="configs/distill.py:kd,resnet8,resnet8")
     logged = [e["teacher/top1"] for e in metrics.read_metrics(student) if "teacher/top1" in e]
     assert logged == [pytest.approx(evals[-1]["eval/top1"])]  # the teacher it loaded from the bucket is that run's
-    assert any(name.startswith("checkpoints/last/8/") for name in bucket_objects(student))
+    assert any(name.startswith("checkpoints/last/8/") for name in gcs.objects(student))
 
     # The tools read the gs:// runs.
     assert summary.main([straight, student]) == 0
@@ -98,5 +97,5 @@ def test_a_teacher_on_gcs_resumes_from_the_bucket_and_a_student_distils_from_it(
     config.student.checkpoint = student
     config.probe.update(num_epochs=2, batch_size=64)
     result = probe.probe_and_evaluate(config, f"{gcs.root}/probe")
-    written = json.loads(bucket_objects(f"{gcs.root}/probe")["probe.json"])
+    written = json.loads(gcs.objects(f"{gcs.root}/probe")["probe.json"])
     assert written["probe/test_top1"] == result["probe/test_top1"] and written["source"]["workdir"] == student

@@ -11,8 +11,6 @@ import struct
 import subprocess
 import sys
 import textwrap
-import urllib.parse
-import urllib.request
 
 import pytest
 from etils import epath
@@ -20,21 +18,6 @@ from etils import epath
 from wcord_jax import checkpoint, configs, metrics, paths, rundir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def bucket_objects(prefix: str) -> dict:
-    """{object name below `prefix`: its bytes} for a gs://BUCKET/PREFIX, read from the server over its JSON API."""
-    bucket, _, folder = prefix[len("gs://"):].partition("/")
-    host = os.environ["STORAGE_EMULATOR_HOST"]
-    query = urllib.parse.urlencode({"prefix": folder + "/"})
-    with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o?{query}", timeout=30) as r:
-        items = json.load(r).get("items", [])
-    out = {}
-    for item in items:
-        name = urllib.parse.quote(item["name"], safe="")
-        with urllib.request.urlopen(f"{host}/storage/v1/b/{bucket}/o/{name}?alt=media", timeout=30) as r:
-            out[item["name"][len(folder) + 1:]] = r.read()
-    return out
 
 
 def _records(data: bytes) -> list:
@@ -86,7 +69,7 @@ def test_metric_writer_on_gcs_writes_whole_objects_a_resumed_writer_continues(gc
         writer.write(step, {"eval/top1": 0.25})
         writer.close()
     assert [r["step"] for r in metrics.read_metrics(run)] == [1, 1, 2, 2]
-    objects = bucket_objects(run)
+    objects = gcs.objects(run)
     assert [json.loads(l)["step"] for l in objects["metrics.jsonl"].decode().splitlines()] == [1, 1, 2, 2]
     events = [name for name in objects if name.startswith("events.out.tfevents.")]
     assert len(events) == 2 and all(len(_records(objects[name])) == 3 for name in events)
@@ -98,7 +81,7 @@ def test_config_and_resume_check_on_gcs(gcs):
     paths.workdir_path(run).mkdir(parents=True, exist_ok=True)
     rundir.check_resume_matches(run, config)  # nothing there yet
     rundir.write_config(run, config)
-    assert json.loads(bucket_objects(run)["config.json"])["model"] == "resnet8"
+    assert json.loads(gcs.objects(run)["config.json"])["model"] == "resnet8"
     rundir.check_resume_matches(run, config)
     with pytest.raises(rundir.RunDirError, match=f"{run} holds a run with model='resnet8'"):
         rundir.check_resume_matches(run, configs.teacher_config("resnet20"))
@@ -113,21 +96,12 @@ def test_checkpoint_dir_finds_a_teacher_on_gcs(gcs):
         checkpoint.checkpoint_dir(f"{gcs.root}/other")
 
 
-def upload(uri: str, data: bytes) -> None:
-    """Writes an object over the server's JSON API, past gcsfs (as tensorstore or another process would)."""
-    bucket, _, name = uri[len("gs://"):].partition("/")
-    query = urllib.parse.urlencode({"uploadType": "media", "name": name})
-    host = os.environ["STORAGE_EMULATOR_HOST"]
-    urllib.request.urlopen(urllib.request.Request(f"{host}/upload/storage/v1/b/{bucket}/o?{query}", data=data),
-                           timeout=30).close()
-
-
 def test_a_listing_sees_what_another_writer_added_since(gcs):
     """No stale listings: a checkpoint another process (or tensorstore) wrote after this process looked is found."""
     last = f"{gcs.root}/checkpoints/last"
-    upload(f"{last}/8/_CHECKPOINT_METADATA", b"{}")
+    gcs.upload(f"{last}/8/_CHECKPOINT_METADATA", b"{}")
     assert [p.name for p in epath.Path(last).iterdir()] == ["8"]
-    upload(f"{last}/16/_CHECKPOINT_METADATA", b"{}")
+    gcs.upload(f"{last}/16/_CHECKPOINT_METADATA", b"{}")
     assert sorted(p.name for p in epath.Path(last).iterdir()) == ["16", "8"]
 
 
@@ -145,7 +119,7 @@ def test_a_checkpoint_round_trips_through_the_bucket(gcs):
         ckpt.close()
     assert checkpoint.load_meta(gcs.root)["epoch"] == 3
     np.testing.assert_array_equal(checkpoint.load_variables(gcs.root)["params"]["w"], state["params"]["w"])
-    steps = {name.split("/")[2] for name in bucket_objects(gcs.root) if name.startswith("checkpoints/last/")}
+    steps = {name.split("/")[2] for name in gcs.objects(gcs.root) if name.startswith("checkpoints/last/")}
     assert steps == {"2", "3"}
 
 

@@ -202,7 +202,7 @@ def test_probe_config_errors(tmp_path):
     with pytest.raises(probe.ConfigError, match="student.checkpoint=DIR is required"):
         probe.probe_and_evaluate(config, str(tmp_path / "p"))
     config.student.checkpoint = str(tmp_path / "missing")
-    with pytest.raises(probe.ConfigError, match="does not exist"):
+    with pytest.raises(probe.ConfigError, match=f"^student.checkpoint: no such workdir: {tmp_path / 'missing'}$"):
         probe.probe_and_evaluate(config, str(tmp_path / "p"))
     (tmp_path / "run").mkdir()
     config.student.checkpoint = str(tmp_path / "run")

@@ -8,8 +8,8 @@ import pytest
 
 from conftest import small_distill_config
 from wcord_jax import checkpoint, distill, rundir
-from wcord_jax.tools import pictures, probe
 from wcord_jax import metrics as metrics_lib
+from wcord_jax.tools import pictures, probe
 
 # case -> (method, number of teachers): students with regressors (FitNet), variational heads (VID), connectors
 # trained in an init stage (AB), paraphrasers and translators (FT), and WCoRD's heads for each of two teachers.
@@ -50,3 +50,30 @@ def test_what_is_not_a_run_is_one_line_naming_the_workdir(tmp_path, small_teache
     teacher = rundir.load_network(small_teachers["resnet8"])
     assert (teacher.task, teacher.model_name, teacher.num_classes, teacher.meta["model"]) == (
         "teacher", "resnet8", 4, "resnet8")
+
+
+def test_events_are_read_or_their_absence_named(tmp_path):
+    assert rundir.read_events(str(tmp_path)) == []  # a run that has not logged yet
+    for workdir, message in ((tmp_path / "nope", f"no such workdir: {tmp_path / 'nope'}$"),
+                             (tmp_path, "has no metrics.jsonl")):
+        with pytest.raises(rundir.RunDirError, match=message):
+            rundir.read_events(str(workdir), required=True)
+    (tmp_path / "metrics.jsonl").write_text("")
+    with pytest.raises(rundir.RunDirError, match="metrics.jsonl is empty$"):
+        rundir.read_events(str(tmp_path), required=True)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.5}\n{"step": 2, "train/loss": 2.0}\n')
+    assert [e["train/loss"] for e in rundir.read_events(str(tmp_path), required=True)] == [2.5, 2.0]
+
+
+def test_a_checkpoint_is_read_from_one_step(tmp_path):
+    """Metadata and weights come from the same (newest) step, so a run still writing cannot mix two."""
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    for step in (1, 2):
+        state = {"params": {"w": np.full((3,), float(step), np.float32)}, "batch_stats": {}}
+        ckpt.save(step, state, {"epoch": step, "model": "m"})
+    ckpt.close()
+    meta, variables = rundir.read_checkpoint(str(tmp_path))
+    assert meta["epoch"] == 2
+    np.testing.assert_array_equal(variables["params"]["w"], np.full((3,), 2.0, np.float32))
+    with pytest.raises(rundir.CheckpointMissing, match="teacher checkpoint not found"):
+        rundir.read_checkpoint(str(tmp_path / "empty"), role="teacher ")

@@ -127,19 +127,32 @@ def load_meta(workdir: PathLike, which: str = "last") -> dict:
         mgr.close()
 
 
-def load_state(workdir: PathLike, which: str = "last") -> dict:
-    """The whole train state of the latest (or best) checkpoint of a run as nested dicts and lists of host (numpy)
-    arrays, whatever devices (or processes) wrote it, so that a run on other devices can place them."""
+def load_checkpoint(workdir: PathLike, which: str = "last") -> tuple[dict, dict]:
+    """(the whole train state, its metadata) of the latest (or best) checkpoint of a run, read from one step by one
+    reader (a run still writing checkpoints cannot pair one step's metadata with another's state). The state comes
+    as nested dicts and lists of host (numpy) arrays, whatever devices (or processes) wrote it, so that a run on
+    other devices can place them."""
     mgr = _reader(workdir, which)
     try:
         step = mgr.latest_step()
         target = jax.tree.map(lambda m: np.zeros(m.shape, m.dtype), mgr.item_metadata(step)["state"])
-        return mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        restored = mgr.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target),
+                                                             meta=ocp.args.JsonRestore()))
+        return restored["state"], dict(restored["meta"])
     finally:
         mgr.close()
 
 
+def load_state(workdir: PathLike, which: str = "last") -> dict:
+    """The whole train state of the latest (or best) checkpoint of a run (`load_checkpoint` without the metadata)."""
+    return load_checkpoint(workdir, which)[0]
+
+
+def variables_of(state: dict) -> dict:
+    """`{'params', 'batch_stats'}` of a restored train state."""
+    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+
+
 def load_variables(workdir: PathLike, which: str = "last") -> dict:
     """`{'params', 'batch_stats'}` of the latest (or best) checkpoint of a finished run, as host (numpy) arrays."""
-    state = load_state(workdir, which)
-    return {"params": state["params"], "batch_stats": state.get("batch_stats", {})}
+    return variables_of(load_state(workdir, which))

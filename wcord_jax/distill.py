@@ -107,15 +107,24 @@ def _teacher_error(config, path: str, e: rundir.RunDirError) -> ConfigError:
     return ConfigError(f"{e}; train one with --config configs/teacher.py:{config.teacher.model} --workdir {path}")
 
 
-def teacher_meta(config, path: str) -> dict:
-    """The metadata of the teacher run in `path` (its model, data set, classes and view); clear errors."""
+@dataclasses.dataclass
+class TeacherRun:
+    """A teacher run's newest checkpoint, read once: its metadata (model, data set, classes, view) and variables."""
+
+    path: str
+    meta: dict
+    variables: dict  # {'params', 'batch_stats'} as host arrays
+
+
+def read_teacher(config, path: str) -> TeacherRun:
+    """The teacher run in `path` (metadata and variables from the same checkpoint); clear errors."""
     try:
-        meta = rundir.read_meta(path, role="teacher ")
+        meta, variables = rundir.read_checkpoint(path, role="teacher ")
     except rundir.RunDirError as e:
         raise _teacher_error(config, path, e) from e
     if meta.get("model") not in (None, config.teacher.model):
         raise ConfigError(f"{path} holds a {meta['model']} checkpoint, but teacher.model is {config.teacher.model}")
-    return meta
+    return TeacherRun(path, meta, variables)
 
 
 def teacher_view(config, metas: list) -> views_lib.View:
@@ -154,12 +163,9 @@ def _same_task(meta: dict, num_classes: int, config, dataset) -> bool:
     return True
 
 
-def load_teacher(config, path: str, meta: dict, dataset, image_shape, dtype, view_spec: str = "identity") -> Teacher:
-    """The frozen teacher of workdir `path` for inputs of `image_shape`; clear errors."""
-    try:
-        variables = rundir.read_variables(path, role="teacher ")
-    except rundir.RunDirError as e:
-        raise _teacher_error(config, path, e) from e
+def load_teacher(config, run: TeacherRun, dataset, image_shape, dtype, view_spec: str = "identity") -> Teacher:
+    """The frozen teacher of a teacher run for inputs of `image_shape`; clear errors."""
+    path, meta, variables = run.path, run.meta, run.variables
     num_classes = rundir.classifier_size(variables) or dataset.num_classes
     teacher = models.get_model(config.teacher.model, num_classes, dtype=dtype)
     if not rundir.check_network(teacher, variables, image_shape):
@@ -423,19 +429,18 @@ class Engine:
 
 
 def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None, student_shape=None,
-                 teacher_shape=None, metas=None) -> Engine:
+                 teacher_shape=None, runs=None) -> Engine:
     """Teachers (restored from `config.teacher.checkpoint` unless `teacher_vars` is given), student, the
     distiller's modules, the initial state, the optimizers and the step functions, with the configuration checks
     that need the networks' shapes. `student_shape` / `teacher_shape` are the (H, W, C) each network sees (their
-    views; default the data set's images); `metas` the teachers' checkpoint metadata if already read."""
+    views; default the data set's images); `runs` the teachers' checkpoints (`read_teacher`) if already read."""
     student_shape = tuple(student_shape or dataset.image_shape)
     teacher_shape = tuple(teacher_shape or dataset.image_shape)
     inner = distiller_of(config)
     if teacher_vars is None:
-        paths = teacher_paths(config)
-        metas = metas if metas is not None else [teacher_meta(config, p) for p in paths]
-        spec = teacher_view(config, metas).spec
-        teachers = [load_teacher(config, p, m, dataset, teacher_shape, dtype, spec) for p, m in zip(paths, metas)]
+        runs = runs if runs is not None else [read_teacher(config, p) for p in teacher_paths(config)]
+        spec = teacher_view(config, [r.meta for r in runs]).spec
+        teachers = [load_teacher(config, r, dataset, teacher_shape, dtype, spec) for r in runs]
     else:
         module = models.get_model(config.teacher.model, dataset.num_classes, dtype=dtype)
         teachers = [Teacher("(given)", module, teacher_vars, {}, dataset.num_classes, True)]
@@ -475,7 +480,8 @@ def setup(config) -> tuple:
     The feed gives the student `config.view` and the teachers `teacher.view` (or the view they were trained on);
     each network is built for its view's channels."""
     loop.validate_config(config, 1)  # the view keys, before reading the teachers' checkpoints
-    metas = [teacher_meta(config, p) for p in teacher_paths(config)] if config.teacher.checkpoint else []
+    runs = [read_teacher(config, p) for p in teacher_paths(config)] if config.teacher.checkpoint else []
+    metas = [r.meta for r in runs]
     t_view = teacher_view(config, metas)
     mesh, dtype, dataset, feed = loop.setup_run(config, validate, extra_features=(t_view.feature,))
     if not dataset.in_memory and distiller_of(config).needs_all_labels(config):
@@ -489,7 +495,7 @@ def setup(config) -> tuple:
     spe = feed.steps_per_epoch
     h, w, _ = dataset.image_shape
     eng = build_engine(config, dataset, spe, dtype, student_shape=train.input_shape(dataset, config.get("view")),
-                       teacher_shape=(h, w, feeds.view_channels(t_view, dataset)), metas=metas)
+                       teacher_shape=(h, w, feeds.view_channels(t_view, dataset)), runs=runs)
     return mesh, dtype, dataset, feed, eng, t_input
 
 

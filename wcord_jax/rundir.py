@@ -4,12 +4,12 @@ teacher or distillation run wrote there, read one way by every tool.
     from wcord_jax import rundir
     config = rundir.read_config(workdir)           # its config.json, as a dict
     events = rundir.read_events(workdir)           # its metrics.jsonl, oldest first
-    meta = rundir.read_meta(workdir)               # its newest checkpoint's metadata (epoch, view, classes, ...)
+    meta, variables = rundir.read_checkpoint(workdir)  # its newest checkpoint: metadata (epoch, view), weights
     net = rundir.load_network(workdir)             # the network it trained: the student of a distillation run
     logits, _ = net.model.apply(net.variables, images, train=False)
 
-Distillation reads its teachers through `read_meta`, `read_variables` and `check_network`; the probe, the pictures,
-summary, the study and import_teacher through the rest.
+Distillation reads its teachers through `read_checkpoint` and `check_network`; the probe, the pictures, summary,
+the study and import_teacher through the rest.
 
 Errors are `RunDirError` (a `ConfigError`): one line naming the workdir and what is missing or wrong.
 """
@@ -40,10 +40,8 @@ class CheckpointDamaged(RunDirError):
 
 def read_config(workdir: PathLike) -> dict:
     """The resolved config the run wrote to WORKDIR/config.json, as a plain dict."""
-    path = workdir_path(workdir)
-    if not path.is_dir():
-        raise RunDirError(f"no such workdir: {os.fspath(workdir)}")
-    config = path / "config.json"
+    check_workdir(workdir)
+    config = workdir_path(workdir) / "config.json"
     if not config.exists():
         raise RunDirError(f"{os.fspath(workdir)} has no config.json: pass the workdir of a finished wcord_jax run "
                           "(the --workdir it was trained with)")
@@ -73,11 +71,31 @@ def existing_config(workdir: PathLike) -> Optional[dict]:
     return read_config(workdir) if path.exists() else None
 
 
-def read_events(workdir: PathLike) -> list[dict]:
-    """The events of the run's metrics.jsonl, oldest first; none before the run has logged."""
+def check_workdir(workdir: PathLike) -> None:
+    """RunDirError unless `workdir` is a directory (a bucket prefix that holds objects, on object storage)."""
+    if not workdir_path(workdir).is_dir():
+        raise RunDirError(f"no such workdir: {os.fspath(workdir)}")
+
+
+def read_events(workdir: PathLike, required: bool = False) -> list[dict]:
+    """The events of the run's metrics.jsonl, oldest first: none before the run has logged, or (`required`) a
+    RunDirError naming what is missing: the workdir, its metrics.jsonl, any event; an unreadable file is one too."""
     from wcord_jax import metrics
 
-    return metrics.read_metrics(workdir) if (workdir_path(workdir) / "metrics.jsonl").exists() else []
+    path = workdir_path(workdir) / "metrics.jsonl"
+    if required:
+        check_workdir(workdir)
+    if not path.exists():
+        if required:
+            raise RunDirError(f"{os.fspath(workdir)} has no metrics.jsonl (is it a wcord_jax workdir?)")
+        return []
+    try:
+        events = metrics.read_metrics(workdir)
+    except (OSError, ValueError) as e:
+        raise RunDirError(f"cannot read {os.fspath(path)}: {e}") from e
+    if required and not events:
+        raise RunDirError(f"{os.fspath(path)} is empty")
+    return events
 
 
 def _read_checkpoint(read, workdir: PathLike, which: str, role: str):
@@ -92,20 +110,14 @@ def _read_checkpoint(read, workdir: PathLike, which: str, role: str):
                                 f"({ckpt_lib.reason(e)})") from e
 
 
-def read_meta(workdir: PathLike, which: str = "last", role: str = "") -> dict:
-    """The metadata of the run's newest `which` ('last' or 'best') checkpoint; `role` ('teacher ', say) names the
-    checkpoint in the errors."""
+def read_checkpoint(workdir: PathLike, which: str = "last", role: str = "") -> tuple[dict, dict]:
+    """(metadata, `{'params', 'batch_stats'}` as host arrays) of the run's newest `which` ('last' or 'best')
+    checkpoint, both from the same step; `role` ('teacher ', say) names the checkpoint in the errors. A
+    distillation run's params hold the student and the method's modules: `load_network` gives the student alone."""
     from wcord_jax import checkpoint as ckpt_lib
 
-    return _read_checkpoint(ckpt_lib.load_meta, workdir, which, role)
-
-
-def read_variables(workdir: PathLike, which: str = "last", role: str = "") -> dict:
-    """`{'params', 'batch_stats'}` of the run's newest `which` checkpoint as host arrays (for a distillation run
-    its params hold the student and the method's modules: `load_network` gives the student alone)."""
-    from wcord_jax import checkpoint as ckpt_lib
-
-    return _read_checkpoint(ckpt_lib.load_variables, workdir, which, role)
+    state, meta = _read_checkpoint(ckpt_lib.load_checkpoint, workdir, which, role)
+    return meta, ckpt_lib.variables_of(state)
 
 
 CLASSIFIER_NAMES = ("fc", "linear", "classifier")  # the zoo's names for a network's last layer
@@ -189,8 +201,7 @@ def load_network(workdir: PathLike, which: str = "last", dtype=None, num_classes
         raise RunDirError(f"{os.fspath(workdir)}/config.json names an unknown model {name!r}")
     if num_classes is None:
         num_classes = trained_data(config)[1]
-    meta = read_meta(workdir, which)
-    variables = read_variables(workdir, which)
+    meta, variables = read_checkpoint(workdir, which)
     if meta.get("model") not in (None, name):
         raise RunDirError(f"{os.fspath(workdir)} holds a {meta['model']} checkpoint, but its config.json says {name}")
     params = variables["params"]

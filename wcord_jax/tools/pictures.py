@@ -27,8 +27,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from wcord_jax import metrics as metrics_lib
-from wcord_jax import paths, rundir
+from wcord_jax import rundir
 
 USAGE_ERROR = 2
 # train/<key> entries that are not loss terms.
@@ -64,8 +63,10 @@ def _save(fig, out: str) -> str:
 
 
 def _check_workdir(workdir: str) -> None:
-    if not paths.workdir_path(workdir).is_dir():
-        raise PictureError(f"no such workdir: {workdir}")
+    try:
+        rundir.check_workdir(workdir)
+    except rundir.RunDirError as e:
+        raise PictureError(str(e)) from None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -74,17 +75,10 @@ def _check_workdir(workdir: str) -> None:
 
 def load_run(workdir: str) -> list[dict]:
     """The events of a run's metrics.jsonl; PictureError if there are none."""
-    _check_workdir(workdir)
-    path = paths.workdir_path(workdir) / "metrics.jsonl"
-    if not path.is_file():
-        raise PictureError(f"{workdir} has no metrics.jsonl (is it a wcord_jax workdir?)")
     try:
-        records = metrics_lib.read_metrics(workdir)
-    except (OSError, ValueError) as e:
-        raise PictureError(f"cannot read {path}: {e}") from e
-    if not records:
-        raise PictureError(f"{path} is empty")
-    return records
+        return rundir.read_events(workdir, required=True)
+    except rundir.RunDirError as e:
+        raise PictureError(str(e)) from None
 
 
 def series(records: Sequence[dict], key: str, x: str = "step") -> tuple[np.ndarray, np.ndarray]:

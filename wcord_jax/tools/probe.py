@@ -91,9 +91,6 @@ def load_network(path: str, which: str = "last") -> dict:
     if not path:
         raise ConfigError("--config.student.checkpoint=DIR is required: the workdir of a finished teacher or "
                           "distillation run")
-    if not paths.workdir_path(path).is_dir():
-        raise ConfigError(f"student checkpoint {path} does not exist: pass the workdir of a finished teacher or "
-                          f"distillation run")
     if which not in ("last", "best"):
         raise ConfigError(f"unknown student.which {which!r}; valid: last, best")
     try:
