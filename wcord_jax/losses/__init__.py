@@ -2,13 +2,15 @@
 
 Each function taking `axis_name` can be called inside `jax.shard_map` over a one-axis mesh; it then returns the
 loss on the global batch, identical (and typed device-invariant) on every device. See `_parallel` for the
-conventions.
+conventions; `gather(x, axis_name)` is its tiled all-gather of the global batch, typed device-invariant (what a
+replicated state, a queue of keys say, must be built from).
 
 RepDistiller's feature-based baselines (FitNet, AT, SP, CC, VID, RKD, PKT, AB, FT, FSP, NST) and DKD have one file each
 (`fitnet`, `at`, `sp`, `cc`, `vid`, `rkd`, `pkt`, `ab`, `ft`, `fsp`, `nst`, `dkd`); their shared helpers and
 conventions (NHWC layout, PyTorch's adaptive pooling, teacher gradients, per-example vs batch-coupled losses on
 several devices) are in `_common`.
 """
+from wcord_jax.losses._parallel import gather
 from wcord_jax.losses.ab import ab_loss
 from wcord_jax.losses.at import at_loss
 from wcord_jax.losses.cc import cc_loss
@@ -29,7 +31,7 @@ from wcord_jax.losses.wcord import (QueueState, infonce_from_logits, infonce_log
                                     wcord_global_loss_memory, wcord_local_loss)
 
 __all__ = [
-    "CRDState", "ClassIndex", "QueueState",
+    "CRDState", "ClassIndex", "QueueState", "gather",
     "build_class_index", "crd_loss", "crd_nce_loss", "crd_probs", "init_crd_state", "sample_contrast_idx",
     "update_crd_memories", "update_memory",
     "ensemble_logits", "ensemble_probs", "infonce_from_logits", "infonce_logits", "init_queue_state", "kd_loss",
