@@ -77,3 +77,23 @@ def test_a_checkpoint_is_read_from_one_step(tmp_path):
     np.testing.assert_array_equal(variables["params"]["w"], np.full((3,), 2.0, np.float32))
     with pytest.raises(rundir.CheckpointMissing, match="teacher checkpoint not found"):
         rundir.read_checkpoint(str(tmp_path / "empty"), role="teacher ")
+
+
+def test_a_checkpoint_of_another_layout_is_named_not_taken_for_damage(tmp_path, caplog):
+    """A state written with another layout (an earlier version's DistillState) cannot resume: one error naming what
+    differs, no fall-back to older steps (they have the same layout); the weights still load."""
+    old = {"params": {"student": {"w": np.ones((2,), np.float32)}}, "method_state": {"memory": np.zeros((4, 2))}}
+    ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
+    for step in (1, 2):
+        ckpt.save(step, old, {"epoch": step})
+    ckpt.close()
+    new = {"params": {"student": {"w": np.ones((2,), np.float32)}}, "method": {"own": {"memory": np.zeros((4, 2))}}}
+    with pytest.raises(checkpoint.CheckpointError) as e:
+        checkpoint.Checkpointer(str(tmp_path), async_save=False).restore(new)
+    assert "at step 2" in str(e.value) and "another layout" in str(e.value)
+    assert "only in the checkpoint: method_state/memory" in str(e.value) and "only in this run: method/own/memory" \
+        in str(e.value)
+    assert "cannot be read" not in caplog.text  # not reported as damage
+    state, meta = checkpoint.Checkpointer(str(tmp_path), async_save=False).restore(old)  # the same layout resumes
+    assert meta["epoch"] == 2
+    np.testing.assert_array_equal(checkpoint.load_variables(str(tmp_path))["params"]["student"]["w"], np.ones(2))

@@ -76,6 +76,7 @@ class Checkpointer:
             return restored["state"], dict(restored["meta"])
         failed = []
         for candidate in sorted(self.last.all_steps(), reverse=True):
+            self._check_layout(candidate, state_like)
             try:
                 restored = self.last.restore(candidate, args=args)
             except Exception as e:  # orbax / tensorstore raise many kinds for a damaged file
@@ -91,6 +92,29 @@ class Checkpointer:
                               f"{', '.join(str(f) for f, _ in failed)}; newest: {failed[0][1] if failed else '-'}): "
                               "move the folder away to start the run over")
 
+    def _check_layout(self, step: int, state_like: Any) -> None:
+        """CheckpointError if the checkpoint at `step` is readable but holds a state of another layout than
+        `state_like` (another version of the library or other settings wrote it): that is no damage, and older
+        steps would not do either."""
+        try:
+            path = workdir_path(self.last.directory) / str(step) / "state"
+            saved = ocp.StandardCheckpointHandler().metadata(path).tree
+        except Exception:  # unreadable metadata: the damage the caller passes over
+            return
+        theirs, ours = _leaf_paths(saved), _leaf_paths(state_like)
+        if saved is None or not theirs or theirs == ours:
+            return
+        extra, missing = sorted(theirs - ours), sorted(ours - theirs)
+        detail = "; ".join(part for part in (
+            f"only in the checkpoint: {', '.join(extra[:3])}{' ...' if len(extra) > 3 else ''}" if extra else "",
+            f"only in this run: {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}" if missing else "")
+            if part)
+        raise CheckpointError(
+            f"the checkpoint at step {step} in {os.fspath(self.last.directory)} holds a state of another layout than "
+            f"this run's ({detail}): another version of wcord_jax or other settings (another number of teachers, "
+            "say) wrote it. Resume it with what wrote it, or start this run in a new workdir; its network still loads (rundir.load_network, the probe, the "
+            "pictures)")
+
     def wait(self) -> None:
         self.last.wait_until_finished()
         self.best.wait_until_finished()
@@ -99,6 +123,19 @@ class Checkpointer:
         self.wait()
         self.last.close()
         self.best.close()
+
+
+def _leaf_paths(tree: Any) -> set:
+    """The paths of a tree's leaves as 'a/b/0' strings, whatever containers hold them (a dataclass, a dict, the
+    dict orbax's metadata gives back)."""
+    def name(key):
+        for attr in ("key", "name", "idx"):
+            if hasattr(key, attr):
+                return str(getattr(key, attr))
+        return str(key)
+
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(name(k) for k in path) for path, _ in leaves}
 
 
 def checkpoint_dir(workdir_or_dir: PathLike, which: str = "last") -> str:
