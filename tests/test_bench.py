@@ -20,7 +20,7 @@ NO_TF = ("import sys\n"
          "for name in ('tensorflow', 'tensorflow_datasets'):\n"
          "    sys.modules[name] = None\n"
          "sys.argv = ['wcord_jax.tools.bench'] + sys.argv[1:]\n"
-         "from wcord_jax import bench\n"
+         "from wcord_jax.tools import bench\n"
          "bench.run()\n")
 
 
