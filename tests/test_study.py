@@ -394,3 +394,22 @@ def test_beyond_report_tells_collapsed_heads_from_learning_ones(tmp_path):
     assert rows[("ensemble", size, "wcord")] == ["1", "0.90", "0.50", "0.10", "0.95", "collapsed"]
     assert not any(key[2] in ("none", "kd") for key in rows if key[0] != "task")
     assert len(rows) == 4  # the header and the three cells with heads
+
+
+def test_a_study_without_its_data_set_ends_with_one_line_and_exit_status_2(tmp_path, capsys):
+    """A run of the study that finds no Fashion-MNIST where it looks: the command says where to get it, in one line,
+    exit 2 (not a traceback)."""
+    from ml_collections import ConfigDict
+
+    from wcord_jax import data
+
+    def run_all(config, workdir):
+        data.load(ConfigDict({"name": "fashion_mnist", "data_dir": str(tmp_path / "nowhere"), "download": False,
+                              "num_train": 100, "num_test": 100}))
+
+    with pytest.raises(SystemExit) as e:
+        study.run_and_report(study.study_config("quick"), str(tmp_path / "w"), run_all, lambda c, w: None,
+                             "results.md", False)
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: fashion_mnist was not found under"), err

@@ -563,6 +563,7 @@ def run_and_report(config, workdir: str, run_all, write_report, report_name: str
     its report, printed."""
     from wcord_jax import main as cli
     from wcord_jax import core
+    from wcord_jax.data import DataNotFoundError
 
     os.makedirs(workdir, exist_ok=True)
     cli._setup_logging()  # noqa: SLF001
@@ -576,7 +577,7 @@ def run_and_report(config, workdir: str, run_all, write_report, report_name: str
         if not report_only:
             run_all(config, workdir)
         write_report(config, workdir)
-    except core.ConfigError as e:
+    except (core.ConfigError, DataNotFoundError) as e:  # a bad setting, or no data set on this machine
         cli._fail(str(e))  # noqa: SLF001
     with open(os.path.join(workdir, report_name), encoding="utf-8") as f:
         print(f.read())
