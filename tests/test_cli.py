@@ -65,6 +65,9 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
     # wcord_jax.host's choice, logged once: the tests leave XLA_FLAGS alone, so the run gets a user's default split.
     assert re.search(r"XLA:CPU: \d+ CPU devices? \(auto: \d+ usable cores?", out.stderr), out.stderr
     assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in out.stderr.splitlines() if line.strip()), out.stderr
+    # The persistent compilation cache is on (conftest points JAX_COMPILATION_CACHE_DIR at the session's cache).
+    assert f"compilation cache: {os.environ['JAX_COMPILATION_CACHE_DIR']} (JAX_COMPILATION_CACHE_DIR;" in out.stderr
+    assert re.search(r"train dispatch \(1 step\): first call [\d.]+ s", out.stderr), out.stderr
 
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "wcord_jax.main", "--config", "configs/teacher.py:resnet8", "--workdir", str(killed),
@@ -85,6 +88,11 @@ def test_killed_run_resumes_and_ends_with_the_same_weights(tmp_path):
     out = cli(*TINY, "--config.num_epochs=3", "--config.checkpoint_every_steps=3", workdir=killed)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "resumed from step" in out.stderr
+    # The resumed process does not compile the step: it comes from the cache the first runs wrote (the evaluator
+    # too where its compilation took longer than the tests' threshold, 0.5 s).
+    assert re.search(r"train dispatch \(1 step\): first call [\d.]+ s, its 1 program read from the persistent "
+                     r"compilation cache", out.stderr), out.stderr
+    assert re.search(r"evaluation: first call [\d.]+ s", out.stderr), out.stderr
     for a, b in zip(_final_weights(straight), _final_weights(killed)):
         np.testing.assert_array_equal(a, b)
     evals = [json.loads(l) for l in metrics.read_text().splitlines() if "eval/top1" in l]

@@ -55,7 +55,9 @@ def stop_mid_epoch(gcs, workdir, *args, at="epoch 2/2 step 3/8"):
 
 def test_a_teacher_on_gcs_resumes_from_the_bucket_and_a_student_distils_from_it(gcs, tmp_path, capsys):
     straight, stopped, student = (f"{gcs.root}/{name}" for name in ("straight", "stopped", "student"))
-    run(gcs, straight, "--config.num_epochs=2")
+    cache = f"--config.compilation_cache={gcs.root}/jax_cache"  # the compiled programs in the bucket too
+    run(gcs, straight, "--config.num_epochs=2", cache)
+    assert any(name.endswith("-cache") for name in gcs.objects(f"{gcs.root}/jax_cache"))
     objects = gcs.objects(straight)
     assert {"config.json", "metrics.jsonl"} <= set(objects)
     assert any(name.startswith("events.out.tfevents.") for name in objects)
@@ -69,8 +71,10 @@ def test_a_teacher_on_gcs_resumes_from_the_bucket_and_a_student_distils_from_it(
     stopped_at = int(log.split("stopped at step ")[1].split(";")[0])
     assert 8 < stopped_at < 16
     assert checkpoint.Checkpointer(stopped).latest_step() == stopped_at
-    out = run(gcs, stopped, "--config.num_epochs=2")
+    out = run(gcs, stopped, "--config.num_epochs=2", cache)
     assert f"resumed from step {stopped_at}" in out.stderr, out.stderr[-2000:]
+    assert "train dispatch (1 step): first call" in out.stderr and \
+        "its 1 program read from the persistent compilation cache" in out.stderr, out.stderr[-2000:]
     for a, b in zip(jax.tree.leaves(checkpoint.load_variables(straight)),
                     jax.tree.leaves(checkpoint.load_variables(stopped))):
         np.testing.assert_array_equal(a, b)

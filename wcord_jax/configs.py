@@ -65,6 +65,9 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     # divides the batch sizes; 1: one device), and its oneDNN kernels (auto: on where the CPU is an Intel one).
     c.cpu_devices = 0
     c.cpu_onednn = "auto"
+    # JAX's persistent compilation cache (wcord_jax.compile_cache): auto (JAX_COMPILATION_CACHE_DIR, else
+    # ~/.cache/wcord_jax/jax), a directory or gs:// URI, or none (off). A resumed run starts without recompiling.
+    c.compilation_cache = "auto"
     c.progress_bar = True  # a tqdm bar per epoch when stderr is a terminal
     # What the trained network sees of each example (wcord_jax.views): identity, gray, lab_l, lab_ab,
     # downsample:K, mask:FRACTION, edges, noise:STD or feature:NAME; applied on the device after augmentation.

@@ -17,6 +17,7 @@ import numpy as np
 from jax.sharding import PartitionSpec as P
 
 from wcord_jax import checkpoint as ckpt_lib
+from wcord_jax import compile_cache
 from wcord_jax import data as data_lib
 from wcord_jax import feeds, host
 from wcord_jax import metrics as metrics_lib
@@ -228,6 +229,8 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
         rundir.write_config(workdir, config)
         if host.NOTE and jax.default_backend() == "cpu":  # after every config check: an error stays one line
             log.info("%s", host.NOTE)
+        if compile_cache.NOTE:
+            log.info("%s", compile_cache.NOTE)
         log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,
                  feed.dataset.num_train, feed.dataset.num_test, mesh.devices.size, jax.devices()[0].platform,
                  steps_per_epoch, num_epochs)
@@ -241,6 +244,7 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
     result = {}
     watch = _FiniteWatch(config, steps_per_epoch, ckpt)
     clock = _CheckpointClock(config)
+    compiles = compile_cache.CompileLog(enabled=is_main)
     multi_process = jax.process_count() > 1
     with _StopRequest() as stop:
         try:
@@ -249,8 +253,9 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
                 epoch = step // steps_per_epoch
                 runner = runner_for_epoch(epoch) if runner_for_epoch is not None else run_steps
                 state, step = _train_epoch(config, feed, state, step, epoch, num_epochs, runner, schedule, writer,
-                                           ckpt, stop, best_top1, watch, clock)
-                result = evaluate(state)
+                                           ckpt, stop, best_top1, watch, clock, compiles)
+                with compiles.first_call(evaluate, "evaluation"):
+                    result = evaluate(state)
                 writer.write(step, {"epoch": epoch + 1, **result})
                 is_best = result["eval/top1"] > best_top1
                 best_top1 = max(best_top1, result["eval/top1"])
@@ -311,7 +316,7 @@ class _CheckpointClock:
 
 
 def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedule, writer, ckpt, stop, best_top1,
-                 watch, clock):
+                 watch, clock, compiles):
     """Runs the rest of one epoch from `step`; logs, checkpoints when `clock` or a stop request says so, and returns
     (state, step). The steps' finiteness flags are read (`watch`) with every log line and before every checkpoint."""
     steps_per_epoch = feed.steps_per_epoch
@@ -324,7 +329,8 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
     ahead = parallel.DispatchWindow()
     try:
         for n, args in feed.dispatches(state.rng, epoch, start):
-            state, metrics = run_steps(state, *args)
+            with compiles.first_call(run_steps, f"train dispatch ({n} step{'s' if n != 1 else ''})"):
+                state, metrics = run_steps(state, *args)
             ahead.add(metrics)
             window.append((step, metrics))
             window_steps += n

@@ -69,11 +69,13 @@ def _setup_logging() -> None:
 
 
 def _configure_host(config) -> None:
-    """XLA:CPU's device count and oneDNN (`wcord_jax.host`), before anything creates a device."""
-    from wcord_jax import host
+    """XLA:CPU's device count and oneDNN (`wcord_jax.host`), before anything creates a device, and the persistent
+    compilation cache (`wcord_jax.compile_cache`), before anything is compiled."""
+    from wcord_jax import compile_cache, host
 
     try:
         host.configure(config)  # its note is logged by the run once the config is validated (CPU backend only)
+        compile_cache.configure(config)  # so is this one's
     except ValueError as e:
         _fail(str(e))
     except OSError as e:  # config_flags defers a missing or broken config file until first use

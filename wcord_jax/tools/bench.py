@@ -208,18 +208,19 @@ class _Variant:
     def __init__(self, name, replacements, build, state, args0):
         import jax
         import jax.numpy as jnp
-        from wcord_jax import parallel
+        from wcord_jax import compile_cache, parallel
 
         self.name, self.times = name, []
         mesh, spec = build["mesh"], build["spec"]
         # Copy first: leaves that share one buffer (equal constants) cannot both be donated to the step.
         self.state = jax.block_until_ready(parallel.place(jax.tree.map(jnp.copy, state), mesh, spec))
-        start = time.perf_counter()
+        before, start = compile_cache.counts(), time.perf_counter()
         with patched_losses(replacements):  # active while the step is traced
             runner = build["feed"].make_runner(build["step_fn"], build["dtype"], num_extra=2, state_spec=spec,
                                                nonfinite=build["nonfinite"])
             self.compiled = runner.lower(self.state, *build["extra"], *args0).compile()
         self.compile_s = time.perf_counter() - start
+        self.from_cache = compile_cache.counts()["hits"] > before["hits"]  # then compile_s is a cache read
         self.extra = build["extra"]
         self.metrics = None
         self.cpu_times = []  # process CPU seconds (all threads) of each timed round
@@ -273,7 +274,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     """
     import jax
     import numpy as np
-    from wcord_jax import distill, host, loop, parallel
+    from wcord_jax import compile_cache, distill, host, loop, parallel
     from wcord_jax.core import ConfigError
 
     if config.get("task") != "distill":
@@ -300,6 +301,8 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
              jax.devices()[0].device_kind, dataset.num_train, "x".join(map(str, dataset.image_shape)), spd)
     if host.NOTE and jax.default_backend() == "cpu":
         log.info("%s", host.NOTE)
+    if compile_cache.NOTE:
+        log.info("%s", compile_cache.NOTE)
 
     extra_variants, variants = list(variants), [("full", {})]
     parts = SHARES.get(distill.distiller_of(config).config_section, ()) if shares else ()
@@ -313,7 +316,8 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     built, peak = {}, None
     for name, replacements in variants:
         v = built[name] = _Variant(name, replacements, build, state, pool[0])
-        log.info("bench [%s]: compiled in %.1f s", name, v.compile_s)
+        log.info("bench [%s]: compiled in %.1f s%s", name, v.compile_s,
+                 " (read from the persistent compilation cache)" if v.from_cache else "")
         if n_warm:
             log.info("bench [%s]: %d warm-up step(s) in %.2f s", name, n_warm * spd, v.run(pool, n_warm))
         if name == "full":
@@ -354,6 +358,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         "img_per_s": round(config.batch_size * timed_steps / t["full"], 2),
         "ms_per_step": ms("full"),
         "compile_s": round(full.compile_s, 2),
+        "compile_from_cache": full.from_cache,  # compile_s was a read of the persistent compilation cache
         "device_kind": jax.devices()[0].device_kind, "device_count": int(mesh.devices.size),
         "cpu_model": host.cpu_model(),  # the host's, as lscpu names it: CPU figures differ by CPU kind
         "backend": jax.default_backend(), "dtype": config.dtype, "batch_size": config.batch_size,

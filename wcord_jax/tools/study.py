@@ -567,12 +567,14 @@ def run_and_report(config, workdir: str, run_all, write_report, report_name: str
 
     os.makedirs(workdir, exist_ok=True)
     cli._setup_logging()  # noqa: SLF001
-    # The runs of one method differ only in their seeds: compile each program once, keep it for the other seeds
-    # (and for a resumed experiment).
-    import jax
+    # The runs of one method differ only in their seeds: each program is compiled once and read back from the
+    # persistent compilation cache for the other seeds (and for a resumed experiment).
+    from wcord_jax import compile_cache
 
-    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(workdir), ".jax_cache"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    try:
+        compile_cache.configure(config)
+    except ValueError as e:
+        cli._fail(str(e))  # noqa: SLF001
     try:
         if not report_only:
             run_all(config, workdir)
