@@ -81,7 +81,7 @@ def view_channels(view: views_lib.View, dataset: DataSet) -> int:
 def epoch_order(rng: jax.Array, epoch: int, num_examples: int, steps: int, batch: int) -> np.ndarray:
     """The epoch's shuffled example indices as [steps, batch] (the last partial batch is dropped)."""
     key = jax.random.fold_in(jax.random.fold_in(rng, ORDER_STREAM), epoch)
-    perm = np.asarray(jax.random.permutation(key, num_examples)).astype(np.int32)
+    perm = jax.device_get(jax.random.permutation(key, num_examples)).astype(np.int32)
     return perm[: steps * batch].reshape(steps, batch)
 
 
@@ -195,15 +195,20 @@ class InMemoryFeed:
     def dispatches(self, rng: jax.Array, epoch: int, start: int) -> Iterator[tuple[int, tuple]]:
         """(steps, extra runner arguments) for the rest of `epoch` from step `start` within it.
 
-        Dispatch boundaries are multiples of `steps_per_dispatch` from the epoch start, whatever `start` is.
+        Dispatch boundaries are multiples of `steps_per_dispatch` from the epoch start, whatever `start` is. The
+        epoch's order is drawn when this is called; the iterator then only transfers each dispatch's indices.
         """
         order = epoch_order(rng, epoch, self.dataset.num_train, self.steps_per_epoch, self.batch_size)
-        pos, spd = start, self.steps_per_dispatch
-        while pos < self.steps_per_epoch:
-            end = min(self.steps_per_epoch, (pos // spd + 1) * spd)
-            idx = parallel.shard_batch(order[pos:end], self.mesh, P(None, AXIS))
-            yield end - pos, (self.images, self.labels, idx)
-            pos = end
+
+        def each():
+            pos, spd = start, self.steps_per_dispatch
+            while pos < self.steps_per_epoch:
+                end = min(self.steps_per_epoch, (pos // spd + 1) * spd)
+                idx = parallel.shard_batch(order[pos:end], self.mesh, P(None, AXIS))
+                yield end - pos, (self.images, self.labels, idx)
+                pos = end
+
+        return each()
 
     def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P(),
                     nonfinite: Optional[str] = None):

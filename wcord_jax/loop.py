@@ -315,6 +315,19 @@ class _CheckpointClock:
         return self.every_steps > 0 and step % self.every_steps == 0
 
 
+# The host-device transfers allowed while a train epoch feeds its dispatches between two logging points: "allow"
+# (JAX's default); the tests set "disallow" to prove that the loop reads nothing back there.
+DISPATCH_TRANSFER_GUARD = "allow"
+def _dispatch_guard():
+    """The context the loop feeds its dispatches in (the tests replace it with a stricter one)."""
+    return jax.transfer_guard(DISPATCH_TRANSFER_GUARD)
+
+
+# Without log lines (log_every_steps=0) the processes of a multi-process run still agree on a stop (a signal, a timed
+# checkpoint) this often.
+STOP_AGREEMENT_STEPS = 100
+
+
 def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedule, writer, ckpt, stop, best_top1,
                  watch, clock, compiles):
     """Runs the rest of one epoch from `step`; logs, checkpoints when `clock` or a stop request says so, and returns
@@ -327,17 +340,26 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
     window, window_start, window_steps, checked = [], time.perf_counter(), 0, 0
     multi_process = jax.process_count() > 1
     ahead = parallel.DispatchWindow()
+    every = config.log_every_steps
+    agree_every = every if every > 0 else STOP_AGREEMENT_STEPS
+    dispatches = iter(feed.dispatches(state.rng, epoch, start))
     try:
-        for n, args in feed.dispatches(state.rng, epoch, start):
-            with compiles.first_call(run_steps, f"train dispatch ({n} step{'s' if n != 1 else ''})"):
-                state, metrics = run_steps(state, *args)
-            ahead.add(metrics)
+        while True:
+            # Between the logging points the host only feeds the devices: no value is read back, nothing is
+            # transferred implicitly (tests/test_transfers.py).
+            with _dispatch_guard():
+                item = next(dispatches, None)
+                if item is None:
+                    break
+                n, args = item
+                with compiles.first_call(run_steps, f"train dispatch ({n} step{'s' if n != 1 else ''})"):
+                    state, metrics = run_steps(state, *args)
+                ahead.add(metrics)
             window.append((step, metrics))
             window_steps += n
             prev, step = step, step + n
             pos = step - epoch * steps_per_epoch
             progress.update(n)
-            every = config.log_every_steps
             if (every > 0 and step // every != prev // every) or pos == steps_per_epoch:
                 values = _summarise(watch.check(window[checked:]), watch.mode == "skip", window[:checked])
                 elapsed = time.perf_counter() - window_start
@@ -348,21 +370,27 @@ def _train_epoch(config, feed, state, step, epoch, num_epochs, run_steps, schedu
                                         "img/s": values["img_per_s"]})
                 progress.update(0, {"loss": values["loss"], "img/s": values["img_per_s"]})
                 window, window_start, window_steps, checked = [], time.perf_counter(), 0, 0
-            timed = clock.time_due()
-            if multi_process:  # every process stops (and saves) after the same dispatch, whichever of them asked
-                stop.requested, timed = parallel.any_process_each([stop.requested, timed])
-            if pos < steps_per_epoch and (stop.requested or timed or clock.steps_due(step)):
+            timed, stopping = clock.time_due(), stop.requested
+            if multi_process:
+                # Every process stops (and saves) after the same dispatch, whichever of them asked: they agree at
+                # the logging points (at least every STOP_AGREEMENT_STEPS steps), not after every dispatch.
+                if step // agree_every != prev // agree_every:
+                    stopping, timed = parallel.any_process_each([stop.requested, timed])
+                    stop.requested = stopping
+                else:
+                    stopping, timed = False, False
+            if pos < steps_per_epoch and (stopping or timed or clock.steps_due(step)):
                 window[checked:] = list(zip([f for f, _ in window[checked:]], watch.check(window[checked:])))
                 checked = len(window)
                 with stop.saving():
                     ckpt.save(step, state, _meta(config, epoch, {}, best_top1, feed))
                     clock.saved()
-                    if timed and not stop.requested and jax.process_index() == 0:
+                    if timed and not stopping and jax.process_index() == 0:
                         log.info("checkpoint at step %d (epoch %d, step %d of %d; one per %g min of training)",
                                  step, epoch + 1, pos, steps_per_epoch, clock.every_minutes)
-                    if stop.requested:
+                    if stopping:
                         ckpt.wait()
-                if stop.requested:
+                if stopping:
                     raise Interrupted(f"stopped at step {step}; run the same command again to resume")
             # A stop requested in the epoch's last dispatch: the epoch's evaluation and checkpoint come first.
         return state, step
