@@ -51,7 +51,7 @@ def gradient_penalty(embed_s, embed_t, params, feat_s, feat_t, tau, axis_name):
     def critic(fs, ft):
         es = embed_s.apply({"params": params["embed_s"]}, fs[None])[0]
         et = embed_t.apply({"params": params["embed_t"]}, ft[None])[0]
-        return jnp.dot(es, et) / tau
+        return jnp.dot(es, et, precision=losses.SCORE_PRECISION) / tau
 
     gs, gt = jax.vmap(jax.grad(critic, argnums=(0, 1)))(feat_s, feat_t)
     norms = jnp.sqrt(jnp.sum(gs ** 2, -1) + jnp.sum(gt ** 2, -1))

@@ -11,6 +11,7 @@ conventions (NHWC layout, PyTorch's adaptive pooling, teacher gradients, per-exa
 several devices) are in `_common`.
 """
 from wcord_jax.losses._parallel import gather
+from wcord_jax.losses._precision import SCORES as SCORE_PRECISION
 from wcord_jax.losses.ab import ab_loss
 from wcord_jax.losses.at import at_loss
 from wcord_jax.losses.cc import cc_loss
@@ -31,7 +32,7 @@ from wcord_jax.losses.wcord import (QueueState, infonce_from_logits, infonce_log
                                     wcord_global_loss_memory, wcord_local_loss)
 
 __all__ = [
-    "CRDState", "ClassIndex", "QueueState", "gather",
+    "CRDState", "ClassIndex", "QueueState", "SCORE_PRECISION", "gather",
     "build_class_index", "crd_loss", "crd_nce_loss", "crd_probs", "init_crd_state", "sample_contrast_idx",
     "update_crd_memories", "update_memory",
     "ensemble_logits", "ensemble_probs", "infonce_from_logits", "infonce_logits", "init_queue_state", "kd_loss",

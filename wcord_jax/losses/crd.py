@@ -24,6 +24,7 @@ from flax import struct
 from jax import lax
 
 from wcord_jax.losses import _parallel
+from wcord_jax.losses._precision import SCORES
 
 NCE_EPS = 1e-7  # RepDistiller crd/criterion.py `eps`
 
@@ -117,9 +118,10 @@ def _exp_scores(memory: jax.Array, anchors: jax.Array, contrast_idx: jax.Array, 
     memory = lax.stop_gradient(memory)
     anchors = anchors.astype(jnp.float32)
     if scores_by_gemm(memory.shape[0], contrast_idx.shape[1], scores):
-        return jnp.exp(jnp.take_along_axis(anchors @ memory.T, contrast_idx, axis=1) / temperature)
+        return jnp.exp(jnp.take_along_axis(jnp.matmul(anchors, memory.T, precision=SCORES), contrast_idx, axis=1)
+                       / temperature)
     rows = memory[contrast_idx]  # [B, K+1, D]
-    return jnp.exp(jnp.einsum("bkd,bd->bk", rows, anchors) / temperature)
+    return jnp.exp(jnp.einsum("bkd,bd->bk", rows, anchors, precision=SCORES) / temperature)
 
 
 def _estimate_or_keep_z(z: jax.Array, exp_scores: jax.Array, n_data: int, axis_name: Optional[str]) -> jax.Array:

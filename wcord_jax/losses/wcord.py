@@ -26,6 +26,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 from wcord_jax.losses import _parallel
+from wcord_jax.losses._precision import SCORES, scores_context
 from wcord_jax.losses.crd import CRDState, update_crd_memories
 
 
@@ -94,9 +95,9 @@ def infonce_logits(anchors: jax.Array, positives: jax.Array, negatives: jax.Arra
     n = lax.stop_gradient(negatives).astype(jnp.float32)
     pos = jnp.sum(a * p, axis=-1) / tau
     if n.ndim == 2:
-        neg = a @ n.T / tau
+        neg = jnp.matmul(a, n.T, precision=SCORES) / tau
     elif n.ndim == 3:
-        neg = jnp.einsum("bd,bkd->bk", a, n) / tau
+        neg = jnp.einsum("bd,bkd->bk", a, n, precision=SCORES) / tau
     else:
         raise ValueError(f"negatives must be [K, D] or [B, K, D], got shape {negatives.shape}")
     return pos, neg
@@ -249,7 +250,7 @@ def wcord_global_loss_batch(emb_s: jax.Array, emb_t: jax.Array, tau: float = 0.0
     target = _parallel.axis_index(axis_name) * b_local + jnp.arange(b_local)
 
     def cross_entropy(anchors, others):
-        logits = anchors @ others.T / tau
+        logits = jnp.matmul(anchors, others.T, precision=SCORES) / tau
         return jax.nn.logsumexp(logits, axis=1) - jnp.take_along_axis(logits, target[:, None], axis=1)[:, 0]
 
     total = jnp.sum(cross_entropy(s_local, t_all))
@@ -300,33 +301,39 @@ def wcord_global_loss_memory(crd_state: CRDState, emb_s: jax.Array, emb_t: jax.A
 # ott-jax is imported where the local term is traced: importing it takes about 2 s, which every command-line run
 # of another method would pay at start-up.
 def _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit: bool):
-    from ott.geometry import costs, pointcloud
+    """(cost matrix, plan, converged, n_iters) of the entropic OT between the rows of x and y. The cosine costs are
+    computed once, at float32 precision (`_cost_matrix`), and handed to the solver as a `Geometry`: no product is
+    left for ott to recompute inside its iterations at the backend's default precision."""
+    from ott.geometry import geometry
     from ott.problems.linear import linear_problem
     from ott.solvers.linear import implicit_differentiation as implicit_lib
     from ott.solvers.linear import sinkhorn
 
-    geom = pointcloud.PointCloud(x, y, cost_fn=costs.Cosine(), epsilon=epsilon)
+    cost = _cost_matrix(x, y)
+    geom = geometry.Geometry(cost_matrix=cost, epsilon=epsilon)
     solver = sinkhorn.Sinkhorn(lse_mode=True, threshold=threshold, max_iterations=max_iterations,
                                implicit_diff=implicit_lib.ImplicitDiff() if implicit else None)
-    return geom, solver(linear_problem.LinearProblem(geom))
+    out = solver(linear_problem.LinearProblem(geom))
+    return cost, out.matrix, out.converged, out.n_iters
 
 
 def _cost_matrix(x, y):
+    """C_ij = 1 - cos(x_i, y_j), ott's `costs.Cosine()`, with its products at `SCORES` precision."""
     from ott.geometry import costs, pointcloud
 
-    return pointcloud.PointCloud(x, y, cost_fn=costs.Cosine()).cost_matrix
+    with scores_context():
+        return pointcloud.PointCloud(x, y, cost_fn=costs.Cosine()).cost_matrix
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4))
 def _ot_cost_dense_implicit(x, y, epsilon, threshold, max_iterations):
-    geom, out = _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit=False)
-    return jnp.sum(out.matrix * geom.cost_matrix), out.converged, out.n_iters
+    cost, plan, converged, n_iters = _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit=False)
+    return jnp.sum(plan * cost), converged, n_iters
 
 
 def _ot_cost_dense_implicit_fwd(x, y, epsilon, threshold, max_iterations):
-    geom, out = _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit=False)
-    plan, cost = out.matrix, geom.cost_matrix
-    return (jnp.sum(plan * cost), out.converged, out.n_iters), (x, y, plan, cost)
+    cost, plan, converged, n_iters = _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit=False)
+    return (jnp.sum(plan * cost), converged, n_iters), (x, y, plan, cost)
 
 
 def _ot_cost_dense_implicit_bwd(epsilon, threshold, max_iterations, res, cts):
@@ -431,14 +438,13 @@ def wcord_local_loss(emb_s: jax.Array, emb_t: jax.Array, epsilon: float = 0.05, 
     x = _parallel.gather(emb_s.astype(jnp.float32), axis_name)
     y = _parallel.gather(emb_t.astype(jnp.float32), axis_name)
     if stop_plan_gradient:
-        _, out = _sinkhorn_solve(lax.stop_gradient(x), lax.stop_gradient(y), epsilon, threshold, max_iterations,
-                                 implicit=False)
-        loss = jnp.sum(lax.stop_gradient(out.matrix) * _cost_matrix(x, y))
-        converged, n_iters = out.converged, out.n_iters
+        _, plan, converged, n_iters = _sinkhorn_solve(lax.stop_gradient(x), lax.stop_gradient(y), epsilon,
+                                                      threshold, max_iterations, implicit=False)
+        loss = jnp.sum(lax.stop_gradient(plan) * _cost_matrix(x, y))
     elif implicit_diff == "dense":
         loss, converged, n_iters = _ot_cost_dense_implicit(x, y, epsilon, threshold, max_iterations)
     else:
-        geom, out = _sinkhorn_solve(x, y, epsilon, threshold, max_iterations, implicit=bool(implicit_diff))
-        loss = jnp.sum(out.matrix * geom.cost_matrix)
-        converged, n_iters = out.converged, out.n_iters
+        cost, plan, converged, n_iters = _sinkhorn_solve(x, y, epsilon, threshold, max_iterations,
+                                                         implicit=bool(implicit_diff))
+        loss = jnp.sum(plan * cost)
     return loss, {"converged": converged, "n_iters": n_iters}
