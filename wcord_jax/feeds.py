@@ -17,7 +17,7 @@ import numpy as np
 from jax import lax
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from wcord_jax import parallel
+from wcord_jax import backend, parallel
 from wcord_jax import step as step_lib
 from wcord_jax import views as views_lib
 from wcord_jax.core import AUGMENT_STREAM, AXIS, ORDER_STREAM  # noqa: F401 (feeds.AUGMENT_STREAM: the tests use it)
@@ -371,8 +371,9 @@ def _pad(batch: dict, size: int) -> dict:
 
 
 def make_feed(dataset: DataSet, mesh, config, view: Optional[ViewInput] = None):
-    """The feed of `dataset`; `view` is what the trained network sees (None: the image)."""
+    """The feed of `dataset`; `view` is what the trained network sees (None: the image). Its steps per dispatch are
+    `config.steps_per_dispatch`, or the backend's default where that is 0 (`wcord_jax.backend`)."""
+    spd, _ = backend.steps_per_dispatch(config.steps_per_dispatch, backend.current(), dataset.in_memory)
     if dataset.in_memory:
-        return InMemoryFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.steps_per_dispatch,
-                            view=view)
+        return InMemoryFeed(dataset, mesh, config.batch_size, config.eval_batch_size, spd, view=view)
     return StreamFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.seed)

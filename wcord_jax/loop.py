@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import PartitionSpec as P
 
+from wcord_jax import backend
 from wcord_jax import checkpoint as ckpt_lib
 from wcord_jax import compile_cache
 from wcord_jax import data as data_lib
@@ -46,8 +47,11 @@ def validate_config(config, num_devices: int) -> None:
         value = config[key]
         if value <= 0 or value % num_devices:
             raise ConfigError(f"{key}={value} must be a positive multiple of the device count ({num_devices})")
-    if config.num_epochs <= 0 or config.steps_per_dispatch <= 0:
-        raise ConfigError("num_epochs and steps_per_dispatch must be positive")
+    if config.num_epochs <= 0:
+        raise ConfigError(f"num_epochs must be positive, got {config.num_epochs}")
+    if config.steps_per_dispatch < 0:
+        raise ConfigError(f"steps_per_dispatch must be 0 (auto: the backend's default) or positive, got "
+                          f"{config.steps_per_dispatch}")
     if config.get("nonfinite", "stop") not in step_lib.NONFINITE_MODES:
         raise ConfigError(f"nonfinite must be one of {', '.join(step_lib.NONFINITE_MODES)}, got {config.nonfinite!r}")
     if int(config.get("nonfinite_skip_limit", 10)) < 1:
@@ -231,6 +235,8 @@ def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, s
             log.info("%s", host.NOTE)
         if compile_cache.NOTE:
             log.info("%s", compile_cache.NOTE)
+        _, why = backend.steps_per_dispatch(config.steps_per_dispatch, backend.current(), feed.dataset.in_memory)
+        log.info("%s", backend.describe(config, backend.current(), feed.steps_per_dispatch, why))
         log.info("%s: %d train / %d test examples, %d devices (%s), %d steps per epoch, %d epochs", describe,
                  feed.dataset.num_train, feed.dataset.num_test, mesh.devices.size, jax.devices()[0].platform,
                  steps_per_epoch, num_epochs)

@@ -23,6 +23,7 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from wcord_jax import backend
 from wcord_jax.losses import _parallel
 from wcord_jax.losses._precision import SCORES
 
@@ -100,15 +101,17 @@ def crd_nce_loss(probs: jax.Array, n_data: int, eps: float = NCE_EPS, axis_name:
 # row beats gathering the [B, K+1, D] rows while N <= GEMM_MAX_RATIO * (K + 1). Measured on a 2-core CPU, forward and
 # backward, B = 64, D = 128, K = 16384: GEMM 61 ms vs gather 315 ms at N = 50,000 (CIFAR-100), 269 vs 328 at
 # N = 400,000, 559 vs 353 at N = 800,000 (the crossover is near N = 30 (K + 1)); both costs grow with B and D alike,
-# so the rule is in N and K only. ImageNet (N = 1.28M, K = 16384) keeps the gather.
-GEMM_MAX_RATIO = 24
+# so the rule is in N and K only. ImageNet (N = 1.28M, K = 16384) keeps the gather. That ratio is the CPU's; a GPU's
+# and a TPU's come from their roofline (wcord_jax.backend.CRD_GEMM_MAX_RATIO).
+GEMM_MAX_RATIO = backend.CRD_GEMM_MAX_RATIO["cpu"]
 
 
-def scores_by_gemm(n_data: int, num_columns: int, scores: str = "auto") -> bool:
-    """Whether CRD's scores come from one GEMM (`scores`: 'auto' by the rule above, 'gemm' or 'gather')."""
+def scores_by_gemm(n_data: int, num_columns: int, scores: str = "auto", on: Optional[str] = None) -> bool:
+    """Whether CRD's scores come from one GEMM (`scores`: 'auto' by the rule above with the ratio of backend `on`,
+    default the one being traced for; 'gemm' or 'gather')."""
     if scores not in ("auto", "gemm", "gather"):
         raise ValueError(f"unknown scores {scores!r}; valid: auto, gemm, gather")
-    return scores == "gemm" or (scores == "auto" and n_data <= GEMM_MAX_RATIO * num_columns)
+    return scores == "gemm" or (scores == "auto" and n_data <= backend.crd_gemm_max_ratio(on) * num_columns)
 
 
 def _exp_scores(memory: jax.Array, anchors: jax.Array, contrast_idx: jax.Array, temperature: float,
@@ -215,7 +218,8 @@ def crd_loss(state: CRDState, emb_s: jax.Array, emb_t: jax.Array, idx: jax.Array
       momentum: m of the memory update.
       axis_name: batch mesh axis inside `jax.shard_map`, or None.
       scores: how the dot products are computed: 'auto' (one GEMM against the whole memory when N is at most
-        `GEMM_MAX_RATIO` (K + 1), else a gather of the K+1 rows), 'gemm' or 'gather'; the values are the same.
+        the backend's ratio times K + 1, `wcord_jax.backend`; else a gather of the K+1 rows), 'gemm' or 'gather';
+        the values are the same.
 
     Returns:
       `(loss, new_state)`, loss a float32 scalar.
