@@ -345,7 +345,10 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
         raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
     main = stage == "main"
     x = batch["image"]
-    t_logits, t_feats, teachers = _teachers_forward(teacher, teacher_vars, batch, distiller.preact)
+    # The student alone (`none` with alpha = 0) needs no teacher pass: none runs, and no KD term is logged.
+    needs_teacher = distiller.uses_teacher or config.alpha != 0
+    t_logits, t_feats, teachers = (_teachers_forward(teacher, teacher_vars, batch, distiller.preact)
+                                   if needs_teacher else (None, None, ()))
     key = jax.random.fold_in(jax.random.fold_in(state.rng, _METHOD_STREAM), state.step)
     flax_modules = {name: m for name, (m, _) in modules.items()}
     train_student = main or distiller.init_trains_student
@@ -367,11 +370,13 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
         if not main:
             out = distiller.init_term(inputs)
             return out.value, ({f"init_{config.method}": out.value}, {}, batch_stats, out.state, s_logits)
-        terms = {"ce": lax.pmean(ce.cross_entropy(s_logits, batch["label"]).mean(), AXIS),
-                 "kd": _kd_term(s_logits, t_logits, teachers, config, logits_comparable)}
+        terms = {"ce": lax.pmean(ce.cross_entropy(s_logits, batch["label"]).mean(), AXIS)}
+        if needs_teacher:
+            terms["kd"] = _kd_term(s_logits, t_logits, teachers, config, logits_comparable)
         out = distiller.term(inputs)
         terms.update(out.logged)
-        total = config.gamma * terms["ce"] + config.alpha * terms["kd"] + config.beta * out.value
+        kd = terms["kd"] if needs_teacher else 0.0
+        total = config.gamma * terms["ce"] + config.alpha * kd + config.beta * out.value
         return total, (terms, out.metrics, batch_stats, out.state, s_logits)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

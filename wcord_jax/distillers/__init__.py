@@ -80,7 +80,7 @@ def sections_of(name: str) -> dict:
 # `none` (no term of its own: the student trained alone, with the engine's cross-entropy) and `kd` (Hinton's KD,
 # which the engine computes for every method and weights by alpha) need nothing beyond the base class.
 register("none", Distiller(description="the student trained alone (cross-entropy)", weights=(1.0, 0.0, 0.0),
-                           ensemble="logits"))
+                           ensemble="logits", uses_teacher=False))
 register("kd", Distiller(description="Hinton et al.'s KD: KL divergence of temperature-softened logits",
                          weights=(0.1, 0.9, 0.0), ensemble="logits"))
 

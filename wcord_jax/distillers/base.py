@@ -119,6 +119,9 @@ class Distiller:
     # 'per_teacher' (its modules and state once per teacher, the mean of the per-teacher terms) or '' (it cannot).
     ensemble: str = ""
     uses_teacher_logits: bool = False  # its term reads the teacher's logits (refused for a teacher of other classes)
+    # Its term reads the teacher's outputs at all. False (`none`): with alpha = 0 the step runs no teacher pass and
+    # logs no KD term.
+    uses_teacher: bool = True
 
     def __init__(self, name: str = "", **attributes):
         if name:
