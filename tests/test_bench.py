@@ -42,6 +42,8 @@ def _check_record(r, method, steps=2, batch=8):
     assert r["peak_memory_bytes"] is None or r["peak_memory_bytes"] > 0
     assert r["final_loss"] is not None  # a finite loss: the step really ran
     assert r["image_shape"] == [16, 16, 3] and r["num_classes"] == 100  # CIFAR-100 shapes unless overridden
+    assert r["flops_per_step"] > 0 and r["tflop_per_s"] > 0  # XLA's count, at the measured speed
+    assert r["peak_tflop_per_s"] is None  # no known peak for a CPU
 
 
 @pytest.mark.slow
@@ -86,27 +88,35 @@ def test_unknown_method_is_one_error_line_and_exit_2():
 
 
 @pytest.mark.slow
-def test_accelerator_table_runs_its_smallest_setting_on_the_cpu(tmp_path):
-    """benchmarks/accelerator.sh as a user runs it, at its smallest setting: one table with a row per method."""
+def test_accelerator_script_runs_its_smallest_setting_on_the_cpu(tmp_path):
+    """benchmarks/accelerator.sh as a user runs it, in its CPU smoke mode: the speed table with a row per method,
+    then the quick study of none, kd, crd and wcord with its table; a bad option is one line, exit 2."""
     from wcord_jax.tools import bench_table
 
     rows = bench_table.rows()
     assert len(rows) == 48 and rows[0] == {"method": "wcord", "teacher": "resnet32x4", "student": "resnet8x4",
                                            "dtype": "bfloat16", "batch_size": 1024, "steps_per_dispatch": 8}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    out = subprocess.run(["bash", os.path.join(root, "benchmarks", "accelerator.sh"), "--smallest", "--out",
-                          str(tmp_path / "rows.jsonl")], cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                         capture_output=True, text=True, timeout=600)
+    script = os.path.join(root, "benchmarks", "accelerator.sh")
+    out = subprocess.run(["bash", script, "--smallest", "--out", str(tmp_path / "acc")], cwd=root,
+                         env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-2000:]
-    lines = [l for l in out.stdout.splitlines() if l.startswith("| ")]
+    assert out.stdout.startswith("device: cpu x") and "== (a) step speed" in out.stdout, out.stdout[:500]
+    lines = [l for l in out.stdout.split("== (b) accuracy")[0].splitlines() if l.startswith("| ")]
     assert len(lines) == 3 and lines[0].startswith("| method | teacher -> student | dtype | batch")
-    records = [json.loads(l) for l in (tmp_path / "rows.jsonl").read_text().splitlines()]
+    records = [json.loads(l) for l in (tmp_path / "acc" / "bench_table.jsonl").read_text().splitlines()]
     assert [r["method"] for r in records] == ["wcord", "crd"] and all(r["img_per_s"] > 0 for r in records)
     assert all(r["num_train"] == 4096 for r in records)  # the small set its header names, not the bench's 50,000
     minutes = 240 * 50_000 / records[0]["img_per_s"] / 60
     assert f"{minutes:,.1f} min" in lines[1] and "| wcord | wrn_40_2 -> wrn_16_2 | float32 | 64 | 1 |" in lines[1]
+    study_rows = [l.split("|")[1].strip() for l in out.stdout.split("== (b) accuracy")[1].splitlines()
+                  if l.startswith("| ") and "---" not in l]
+    assert study_rows[1:] == ["none", "kd", "crd", "wcord"], out.stdout[-2000:]
+    assert (tmp_path / "acc" / "study" / "results_quick.md").exists()
+    bad = subprocess.run(["bash", script, "--smalest"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip().startswith("error: unknown option --smalest; valid:")
     skipped = bench_table.table(records[:1], rows[1:2])
-    assert skipped.splitlines()[-1].endswith("| skipped (time budget) | | | | |")
+    assert skipped.splitlines()[-1].endswith("| skipped (time budget) | | | | | | |")
 
 
 def test_step_profile_groups_xla_ops_by_their_call_path(tmp_path):
@@ -191,11 +201,31 @@ def test_accelerator_table_plans_its_rows_and_formats_them(tmp_path):
     assert (config.method, config.model, config.teacher.model, config.dtype, config.batch_size) == (
         "crd", "wrn_16_2", "wrn_40_2", "float32", 64)
     assert config.dataset.num_train == 4096 and config.crd.nce_k == 1024 and "wcord" not in config  # CRD's alone
-    record = dict(rows[0], img_per_s=20_000.0, ms_per_step=51.2, compile_s=30.25, peak_memory_bytes=3 * 2 ** 30)
+    record = dict(rows[0], img_per_s=20_000.0, ms_per_step=51.2, compile_s=30.25, peak_memory_bytes=3 * 2 ** 30,
+                  tflop_per_s=123.4, peak_tflop_per_s=989.4)
     lines = bench_table.table([record], rows[1:3]).splitlines()
     assert len(lines) == 2 + 1 + 2 and lines[0].startswith("| method | teacher -> student |")
-    assert lines[2] == ("| wcord | resnet32x4 -> resnet8x4 | bfloat16 | 1024 | 8 | 20,000 | 51.20 | 30.2 | 3.00 | "
-                        "10.0 min |")  # 12,000,000 images / 20,000 img/s = 600 s
-    assert all(l.endswith("| skipped (time budget) | | | | |") for l in lines[3:])
+    assert lines[2] == ("| wcord | resnet32x4 -> resnet8x4 | bfloat16 | 1024 | 8 | 20,000 | 51.20 | 123.40 | 12.5 | "
+                        "30.2 | 3.00 | 10.0 min |")  # 12,000,000 images / 20,000 img/s = 600 s
+    assert all(l.endswith("| skipped (time budget) | | | | | | |") for l in lines[3:])
+    cpu = dict(record, tflop_per_s=0.01, peak_tflop_per_s=None)  # a chip without a known peak
+    assert "| 0.01 | n/a |" in bench_table.table([cpu], [])
     records, skipped = bench_table.run_table(-1.0, 2, False, str(tmp_path / "rows.jsonl"))
     assert records == [] and skipped == rows and (tmp_path / "rows.jsonl").read_text() == ""
+
+
+def test_one_step_s_flops_are_the_same_with_one_or_several_steps_per_dispatch():
+    """XLA's cost analysis counts a loop's body once: a dispatch of 2 steps (a lax.scan) reports one step's flops,
+    as a dispatch of 1 step (no loop) does, so the bench's TFLOP/s need no division by the steps per dispatch."""
+    config = configs.distill_config("kd", "resnet8", "resnet8")
+    config.batch_size, config.dataset.image_size, config.dataset.num_train = 8, 16, 256
+    flops = {}
+    for spd in (1, 2):
+        config.steps_per_dispatch = spd
+        r = bench.run_benchmark(config, steps=2, warmup=0, shares=False,
+                                overridden={"dataset.image_size", "dataset.num_train"})
+        flops[spd] = r["flops_per_step"]
+    assert flops[1] > 0 and abs(flops[2] - flops[1]) < 0.01 * flops[1], flops
+    assert bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == 989.4
+    assert bench.peak_tflops("NVIDIA H100 PCIe", "float32") == 378.0
+    assert bench.peak_tflops("TPU v4", "bfloat16") == 275.0 and bench.peak_tflops("cpu", "float32") is None

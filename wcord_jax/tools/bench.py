@@ -37,6 +37,7 @@ import logging
 import math
 import statistics
 import time
+from typing import Optional
 
 from absl import app, flags
 
@@ -220,6 +221,7 @@ class _Variant:
                                                nonfinite=build["nonfinite"])
             self.compiled = runner.lower(self.state, *build["extra"], *args0).compile()
         self.compile_s = time.perf_counter() - start
+        self.flops = _flops(self.compiled)
         self.from_cache = compile_cache.counts()["hits"] > before["hits"]  # then compile_s is a cache read
         self.extra = build["extra"]
         self.metrics = None
@@ -241,6 +243,43 @@ class _Variant:
         wall = time.perf_counter() - start
         self.last_cpu_s = time.process_time() - cpu_start
         return wall
+
+
+def _flops(compiled) -> Optional[float]:
+    """One step's floating-point operations, from XLA's cost analysis of the compiled dispatch (None where the backend
+    gives none). XLA counts a loop's body once, so with several steps per dispatch (a `lax.scan`) its figure is
+    still one step's (tests/test_bench.py checks that both dispatches give the same figure)."""
+    try:
+        cost = compiled.cost_analysis()
+    except Exception:  # not implemented on this backend
+        return None
+    cost = cost[0] if isinstance(cost, (list, tuple)) and cost else cost
+    flops = cost.get("flops") if isinstance(cost, dict) else None
+    return float(flops) if flops and flops > 0 else None
+
+
+# Dense peak TFLOP/s per chip of the accelerators the library targets (vendor data sheets), by a substring of
+# `device_kind` and the activation dtype. float32 is the rate XLA's default precision runs f32 products at: TF32 on
+# NVIDIA tensor cores, one bfloat16 pass on a TPU.
+PEAK_TFLOPS = (
+    ("H100 PCIe", {"bfloat16": 756.0, "float32": 378.0}),
+    ("H100", {"bfloat16": 989.4, "float32": 494.7}),
+    ("H200", {"bfloat16": 989.4, "float32": 494.7}),
+    ("A100", {"bfloat16": 312.0, "float32": 156.0}),
+    ("L4", {"bfloat16": 121.0, "float32": 60.0}),
+    ("TPU v4", {"bfloat16": 275.0, "float32": 275.0}),
+    ("TPU v5 lite", {"bfloat16": 197.0, "float32": 197.0}),
+    ("TPU v5", {"bfloat16": 459.0, "float32": 459.0}),
+    ("TPU v6 lite", {"bfloat16": 918.0, "float32": 918.0}),
+)
+
+
+def peak_tflops(device_kind: str, dtype: str) -> Optional[float]:
+    """The chip's dense peak for `dtype` (None for a CPU or a chip not in PEAK_TFLOPS)."""
+    for name, peaks in PEAK_TFLOPS:
+        if name in device_kind:
+            return peaks.get(dtype)
+    return None
 
 
 def _peak_memory():
@@ -364,6 +403,14 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         "backend": jax.default_backend(), "dtype": config.dtype, "batch_size": config.batch_size,
         "steps": timed_steps, "warmup": n_warm * spd, "rounds": rounds, "steps_per_dispatch": spd,
         "peak_memory_bytes": peak,
+        # Achieved compute: XLA's count of one device's flops in one step (its share of the batch) times the
+        # devices, at the measured speed, against the chips' dense peak for this dtype (null where the chip is not
+        # in PEAK_TFLOPS, e.g. a CPU).
+        "flops_per_step": full.flops,
+        "tflop_per_s": (None if full.flops is None
+                        else round(full.flops * int(mesh.devices.size) * timed_steps / t["full"] / 1e12, 4)),
+        "peak_tflop_per_s": (None if peak_tflops(jax.devices()[0].device_kind, config.dtype) is None
+                             else peak_tflops(jax.devices()[0].device_kind, config.dtype) * int(mesh.devices.size)),
         # CPU seconds of this process (all threads) per wall second while the real step ran: about the number of
         # cores it had on a CPU backend (less than the machine's when other processes compete for them).
         "process_cpu_util": round(sum(full.cpu_times) / max(sum(full.times), 1e-9), 2),

@@ -67,17 +67,20 @@ def projected_minutes(img_per_s: float) -> float:
 
 
 def table(records: list[dict], skipped: list[dict]) -> str:
-    head = ("| method | teacher -> student | dtype | batch | steps/dispatch | img/s | ms/step | compile s | "
-            "peak GiB | 240-epoch CIFAR-100 |")
-    lines = [head, "|---|---|---|---|---|---|---|---|---|---|"]
+    head = ("| method | teacher -> student | dtype | batch | steps/dispatch | img/s | ms/step | TFLOP/s | % of peak | "
+            "compile s | peak GiB | 240-epoch CIFAR-100 |")
+    lines = [head, "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in records:
         peak = f"{r['peak_memory_bytes'] / 2 ** 30:.2f}" if r.get("peak_memory_bytes") else "n/a"
+        tflops = f"{r['tflop_per_s']:.2f}" if r.get("tflop_per_s") is not None else "n/a"
+        share = (f"{100 * r['tflop_per_s'] / r['peak_tflop_per_s']:.1f}"
+                 if r.get("tflop_per_s") is not None and r.get("peak_tflop_per_s") else "n/a")
         lines.append(f"| {r['method']} | {r['teacher']} -> {r['student']} | {r['dtype']} | {r['batch_size']} | "
-                     f"{r['steps_per_dispatch']} | {r['img_per_s']:,.0f} | {r['ms_per_step']:.2f} | "
-                     f"{r['compile_s']:.1f} | {peak} | {projected_minutes(r['img_per_s']):,.1f} min |")
+                     f"{r['steps_per_dispatch']} | {r['img_per_s']:,.0f} | {r['ms_per_step']:.2f} | {tflops} | "
+                     f"{share} | {r['compile_s']:.1f} | {peak} | {projected_minutes(r['img_per_s']):,.1f} min |")
     for r in skipped:
         lines.append(f"| {r['method']} | {r['teacher']} -> {r['student']} | {r['dtype']} | {r['batch_size']} | "
-                     f"{r['steps_per_dispatch']} | skipped (time budget) | | | | |")
+                     f"{r['steps_per_dispatch']} | skipped (time budget) | | | | | | |")
     return "\n".join(lines)
 
 
