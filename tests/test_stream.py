@@ -52,6 +52,35 @@ def test_imagenet_batches_are_224_uint8_with_indices():
     np.testing.assert_array_equal(batches[1]["image"], again[0]["image"])  # same seed and epoch: same batches
 
 
+def test_the_stream_copies_batches_to_the_devices_ahead_of_their_steps():
+    """With prefetch=2 the first dispatch is handed out once three batches are on their way to the devices; the
+    batches and their order are those of prefetch=0."""
+    cfg = _imagenet_config()
+    with tfds.testing.mock_data(num_examples=24):
+        ds = data.load(cfg.dataset)
+        seen = {}
+        for prefetch in (0, 2):
+            feed = feeds.StreamFeed(ds, parallel.make_mesh(1), 8, 8, seed=0, prefetch=prefetch)
+            copies, to_devices = [], feed._global  # noqa: SLF001
+
+            def counted(batch, copies=copies, to_devices=to_devices):
+                copies.append(1)
+                return to_devices(batch)
+
+            feed._global = counted  # noqa: SLF001
+            stream = feed.dispatches(jax.random.PRNGKey(0), 0, 0)
+            first = next(stream)
+            assert len(copies) == prefetch + 1
+            seen[prefetch] = [first] + list(stream)
+            assert len(copies) == 3
+    assert [n for n, _ in seen[2]] == [1, 1, 1]
+    for (_, (a,)), (_, (b,)) in zip(seen[0], seen[2]):
+        np.testing.assert_array_equal(a["index"], b["index"])
+        np.testing.assert_array_equal(a["image"], b["image"])
+    with pytest.raises(ValueError, match="prefetch must be at least 0"):
+        feeds.StreamFeed(ds, parallel.make_mesh(1), 8, 8, seed=0, prefetch=-1)
+
+
 def test_streamed_training_and_eval_match_across_device_counts():
     cfg = _imagenet_config()
     losses, evals = [], []

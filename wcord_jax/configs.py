@@ -53,6 +53,7 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     # Train steps per host call (a lax.scan) for in-memory data sets; 0: the backend's default (wcord_jax.backend:
     # 1 on the CPU, 8 on a GPU or TPU).
     c.steps_per_dispatch = 0
+    c.stream_prefetch = 2  # streamed data sets: batches copied to the devices ahead of their step
     c.checkpoint_every_steps = 0  # extra checkpoints inside an epoch (0: only at epoch ends)
     # ... and one whenever this many minutes have passed since the last checkpoint (0: none), so that a crash inside
     # a long epoch loses at most that much training; the rerun resumes from it.

@@ -8,7 +8,9 @@ see the same batches, and a resumed run sees the batches it would have seen.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import itertools
 from typing import Callable, Iterator, Optional
 
 import jax
@@ -280,13 +282,18 @@ class StreamFeed:
     """Batches streamed from tf.data (ImageNet), one step per dispatch.
 
     Each process reads its own share of the split (tf.data `shard(process_count, process_index)`) in batches of
-    batch_size / process_count, which `jax.make_array_from_process_local_data` joins into the global batch.
+    batch_size / process_count, which `jax.make_array_from_process_local_data` joins into the global batch. The
+    transfers to the devices run `prefetch` batches ahead of the step that takes them (0: each batch when its step
+    is dispatched), so that a batch's copy overlaps the steps before it.
     """
 
-    def __init__(self, dataset: DataSet, mesh, batch_size: int, eval_batch_size: int, seed: int):
+    def __init__(self, dataset: DataSet, mesh, batch_size: int, eval_batch_size: int, seed: int, prefetch: int = 2):
         from wcord_jax.data import imagenet
 
+        if prefetch < 0:
+            raise ValueError(f"prefetch must be at least 0, got {prefetch}")
         self._imagenet = imagenet
+        self.prefetch = prefetch
         self.dataset, self.mesh, self.seed = dataset, mesh, seed
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
         self.steps_per_epoch = dataset.num_train // batch_size
@@ -310,10 +317,14 @@ class StreamFeed:
             "train", train=True, global_batch_size=self.batch_size, seed=self.seed, epoch=epoch,
             data_dir=self.dataset.data_dir, num=self.dataset.num_train, process_index=jax.process_index(),
             process_count=jax.process_count(), skip_batches=start)
-        for i, batch in enumerate(self._imagenet.iterate(ds)):
-            if start + i >= self.steps_per_epoch:
-                break
-            yield 1, (self._global(batch),)
+        host = itertools.islice(self._imagenet.iterate(ds), max(0, self.steps_per_epoch - start))
+        ahead: collections.deque = collections.deque()
+        for batch in host:
+            ahead.append(self._global(batch))  # an asynchronous copy to the devices
+            if len(ahead) > self.prefetch:
+                yield 1, (ahead.popleft(),)
+        while ahead:
+            yield 1, (ahead.popleft(),)
 
     def make_runner(self, step_fn: Callable, dtype, augment: bool = True, num_extra: int = 0, state_spec=P(),
                     nonfinite: Optional[str] = None):
@@ -376,4 +387,5 @@ def make_feed(dataset: DataSet, mesh, config, view: Optional[ViewInput] = None):
     spd, _ = backend.steps_per_dispatch(config.steps_per_dispatch, backend.current(), dataset.in_memory)
     if dataset.in_memory:
         return InMemoryFeed(dataset, mesh, config.batch_size, config.eval_batch_size, spd, view=view)
-    return StreamFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.seed)
+    return StreamFeed(dataset, mesh, config.batch_size, config.eval_batch_size, config.seed,
+                      prefetch=config.get("stream_prefetch", 2))

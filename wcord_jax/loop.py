@@ -52,6 +52,8 @@ def validate_config(config, num_devices: int) -> None:
     if config.steps_per_dispatch < 0:
         raise ConfigError(f"steps_per_dispatch must be 0 (auto: the backend's default) or positive, got "
                           f"{config.steps_per_dispatch}")
+    if config.get("stream_prefetch", 2) < 0:
+        raise ConfigError(f"stream_prefetch must be at least 0, got {config.stream_prefetch}")
     if config.get("nonfinite", "stop") not in step_lib.NONFINITE_MODES:
         raise ConfigError(f"nonfinite must be one of {', '.join(step_lib.NONFINITE_MODES)}, got {config.nonfinite!r}")
     if int(config.get("nonfinite_skip_limit", 10)) < 1:
