@@ -64,6 +64,10 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.nonfinite = "stop"
     c.nonfinite_skip_limit = 10
     c.num_devices = 0  # use the first N devices of the data mesh (0: all)
+    # BatchNorm statistics of the trained network across devices: global (all-reduced in every layer; D devices give
+    # the one-device step) or local (each device's own, flax's ImageNet example; running averages averaged after
+    # every step). wcord_jax.core.BN_SYNC.
+    c.bn_sync = "global"
     # XLA:CPU at start-up (wcord_jax.host): the host CPU split into this many devices (0: one per usable core that
     # divides the batch sizes; 1: one device), and its oneDNN kernels (auto: on where the CPU is an Intel one).
     c.cpu_devices = 0

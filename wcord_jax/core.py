@@ -6,6 +6,18 @@ that any module, a distiller included, can use it without pulling in the run loo
 AXIS = "data"  # the mesh axis a batch (and a sharded negative queue) is split over
 
 
+# How a trained network's BatchNorm gets its statistics across the devices (config key `bn_sync`): 'global' (every
+# layer all-reduces them: D devices compute exactly the one-device step) or 'local' (each device normalises with its
+# shard's statistics, as flax's ImageNet example; the running averages are averaged over the devices after every
+# step, one all-reduce, so evaluation and checkpoints see the same synced statistics on every device).
+BN_SYNC = ("global", "local")
+
+
+def bn_axis(config):
+    """The BatchNorm axis of the trained network: AXIS for bn_sync='global', None (per device) for 'local'."""
+    return AXIS if config.get("bn_sync", "global") == "global" else None
+
+
 class ConfigError(ValueError):
     """The configuration asks for something that does not exist or cannot work; the message names the choices."""
 

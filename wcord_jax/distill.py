@@ -25,7 +25,7 @@ import optax
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from wcord_jax import distillers, feeds, loop, losses, models, optim, parallel, rundir, train
+from wcord_jax import core, distillers, feeds, loop, losses, models, optim, parallel, rundir, train
 from wcord_jax.losses import ce
 from wcord_jax import views as views_lib
 from wcord_jax.distillers._ensemble import PerTeacher
@@ -381,6 +381,8 @@ def distill_step(state: DistillState, batch: dict, teacher_vars, class_index, *,
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     terms, metrics, batch_stats, method, s_logits = aux
+    if train_student and core.bn_axis(config) is None:  # bn_sync='local': the devices' running averages, averaged
+        batch_stats = lax.pmean(batch_stats, AXIS)
     method = state.method if method is None else method
     if main:
         params, opt_state = _update(tx, grads, state.opt_state, state.params, mask, config.heads_lr_scale)
@@ -455,7 +457,7 @@ def build_engine(config, dataset, steps_per_epoch: int, dtype, teacher_vars=None
         teacher, teacher_vars = teachers[0].module, teachers[0].variables
     else:
         teacher, teacher_vars = [t.module for t in teachers], [t.variables for t in teachers]
-    student = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
+    student = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=core.bn_axis(config))
     s_shapes = feature_shapes(student, student_shape, distiller.preact)
     t_shapes = [feature_shapes(t.module, teacher_shape, distiller.preact) for t in teachers]
     modules = make_modules(config, s_shapes, t_shapes if isinstance(distiller, PerTeacher) else t_shapes[0],

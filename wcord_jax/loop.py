@@ -25,7 +25,7 @@ from wcord_jax import metrics as metrics_lib
 from wcord_jax import models, optim, parallel, paths, rundir
 from wcord_jax import step as step_lib
 from wcord_jax import views as views_lib
-from wcord_jax.core import ConfigError
+from wcord_jax.core import BN_SYNC, ConfigError
 
 log = logging.getLogger("wcord_jax")
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,6 +52,8 @@ def validate_config(config, num_devices: int) -> None:
     if config.steps_per_dispatch < 0:
         raise ConfigError(f"steps_per_dispatch must be 0 (auto: the backend's default) or positive, got "
                           f"{config.steps_per_dispatch}")
+    if config.get("bn_sync", "global") not in BN_SYNC:
+        raise ConfigError(f"bn_sync must be one of {', '.join(BN_SYNC)}, got {config.bn_sync!r}")
     if config.get("stream_prefetch", 2) < 0:
         raise ConfigError(f"stream_prefetch must be at least 0, got {config.stream_prefetch}")
     if config.get("nonfinite", "stop") not in step_lib.NONFINITE_MODES:

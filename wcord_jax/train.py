@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from wcord_jax import feeds, loop, models, optim
+from wcord_jax import core, feeds, loop, models, optim
 from wcord_jax import views as views_lib
 from wcord_jax.core import AXIS
 from wcord_jax.core import INIT_STREAM as _INIT_STREAM
@@ -54,13 +54,15 @@ def create_train_state(key: jax.Array, model, tx, image_shape) -> TrainState:
 # The step
 
 
-def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState, dict]:
+def train_step(state: TrainState, batch: dict, *, model, tx, local_bn: bool = False) -> tuple[TrainState, dict]:
     """One SGD step on this device's shard of the global batch (inside shard_map over `data`).
 
     The model's batch norm averages its statistics over the axis (sync BN) and the loss is the mean over the whole
     global batch (`pmean` of the shard means). Under shard_map the gradient of that device-invariant loss with respect
     to the replicated parameters is already the global gradient (the transpose of the implicit broadcast of the
     parameters is a `psum`), so D devices compute exactly what one device computes on the whole global batch.
+    `local_bn` (bn_sync='local', with a model whose BatchNorm has no axis): each device normalises with its own
+    shard's statistics and the new running averages are averaged over the devices.
     """
 
     def loss_fn(params):
@@ -70,6 +72,8 @@ def train_step(state: TrainState, batch: dict, *, model, tx) -> tuple[TrainState
         return loss, (logits, new_vars["batch_stats"])
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if local_bn:
+        batch_stats = lax.pmean(batch_stats, AXIS)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     top1 = lax.pmean(jnp.mean((jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)), AXIS)
@@ -84,10 +88,10 @@ def train_and_evaluate(config, workdir: str) -> dict:
     uninterrupted run.
     """
     mesh, dtype, dataset, feed = loop.setup_run(config, loop.validate_config)
-    model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=AXIS)
+    model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=core.bn_axis(config))
     tx = optim.make_optimizer(config, feed.steps_per_epoch)
     state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape(dataset, config.get("view")))
-    run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx), dtype,
+    run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx, local_bn=core.bn_axis(config) is None), dtype,
                                  nonfinite=config.get("nonfinite", "stop"))
     evaluate = feed.make_evaluator(lambda v, x: model.apply(v, x, train=False)[0], dtype)
     return loop.run_training(config, workdir, mesh, feed, state, run_steps,
