@@ -53,3 +53,17 @@ def test_the_first_call_of_a_dispatch_is_logged_once_with_what_it_compiled(caplo
     cache = "(0 of 1 from the persistent compilation cache|no persistent compilation cache)"
     assert re.fullmatch(rf"the probe: first call [\d.]+ s, of which XLA compilation [\d.]+ s \(1 program; {cache}\)",
                         lines[0]), lines[0]
+
+
+def test_a_dispatch_compiled_earlier_in_the_process_says_so(caplog):
+    @jax.jit
+    def g(x):
+        return x + 1
+
+    x = jax.block_until_ready(jnp.ones(2))
+    jax.block_until_ready(g(x))
+    with caplog.at_level(logging.INFO, logger="wcord_jax"):
+        with compile_cache.CompileLog().first_call(g, "again"):
+            jax.block_until_ready(g(x))
+    assert [r.getMessage() for r in caplog.records if r.getMessage().startswith("again")][0].endswith(
+        "(compiled earlier in this process)")

@@ -147,6 +147,9 @@ class CompileLog:
         if not self.enabled:
             return
         n, hits = diff["programs"], diff["hits"]
+        if n == 0:
+            log.info("%s: first call %.1f s (compiled earlier in this process)", what, diff["call_s"])
+            return
         programs = f"{n} program{'' if n == 1 else 's'}"
         if n and hits >= n:
             log.info("%s: first call %.1f s, its %s read from the persistent compilation cache in %.1f s", what,
