@@ -49,7 +49,9 @@ def teacher_config(model: str) -> ml_collections.ConfigDict:
     c.lr_decay_rate = 0.1
     c.momentum = 0.9
     c.weight_decay = 5e-4
-    c.dtype = "float32"  # activation dtype: float32 or bfloat16 (parameters stay float32)
+    # Activation dtype: float32, bfloat16 (parameters stay float32) or auto (wcord_jax.backend: float32 on the CPU,
+    # bfloat16 on a GPU or TPU).
+    c.dtype = "auto"
     # Train steps per host call (a lax.scan) for in-memory data sets; 0: the backend's default (wcord_jax.backend:
     # 1 on the CPU, 8 on a GPU or TPU).
     c.steps_per_dispatch = 0

@@ -41,8 +41,8 @@ def validate_config(config, num_devices: int) -> None:
         raise ConfigError(f"unknown model {config.model!r}; valid: {', '.join(models.list_models())}")
     if config.dataset.name not in data_lib.SOURCES:
         raise ConfigError(f"unknown data set {config.dataset.name!r}; valid: {', '.join(data_lib.SOURCES)}")
-    if config.dtype not in DTYPES:
-        raise ConfigError(f"unknown dtype {config.dtype!r}; valid: {', '.join(DTYPES)}")
+    if config.dtype not in backend.DTYPES:
+        raise ConfigError(f"unknown dtype {config.dtype!r}; valid: {', '.join(backend.DTYPES)}")
     for key in ("batch_size", "eval_batch_size"):
         value = config[key]
         if value <= 0 or value % num_devices:
@@ -203,7 +203,7 @@ def setup_run(config, validate: Callable, extra_features: tuple = ()) -> tuple:
     feed = feeds.make_feed(dataset, mesh, config, view_in)
     if feed.steps_per_epoch == 0:
         raise ConfigError(f"batch_size={config.batch_size} is larger than the training set ({dataset.num_train})")
-    return mesh, DTYPES[config.dtype], dataset, feed
+    return mesh, DTYPES[backend.dtype(config.dtype, backend.current())[0]], dataset, feed
 
 
 def run_training(config, workdir: str, mesh, feed, state, run_steps, evaluate, schedule, describe: str,

@@ -313,7 +313,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     """
     import jax
     import numpy as np
-    from wcord_jax import compile_cache, distill, host, loop, parallel
+    from wcord_jax import backend, compile_cache, distill, host, loop, parallel
     from wcord_jax.core import ConfigError
 
     if config.get("task") != "distill":
@@ -322,6 +322,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         raise ConfigError(f"--steps ({steps}) and --rounds ({rounds}) must be positive, --warmup ({warmup}) >= 0")
     apply_bench_defaults(config, overridden)
     mesh, dtype, dataset, feed = loop.setup_run(config, _validate)
+    dtype_name = backend.dtype(config.dtype, backend.current())[0]  # auto resolved for this backend
     method = config.method
     teacher_vars, teacher_source = None, "checkpoint"  # build_engine restores config.teacher.checkpoint
     if not config.teacher.checkpoint:
@@ -336,7 +337,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
     n_warm, n_timed = math.ceil(warmup / spd), math.ceil(steps / spd)
     pool = _dispatch_pool(feed, state.rng, max(1, n_warm + n_timed))
     log.info("bench %s: %s -> %s, batch %d, %s, %d device(s) (%s), %d train images %s, steps_per_dispatch %d",
-             method, config.teacher.model, config.model, config.batch_size, config.dtype, mesh.devices.size,
+             method, config.teacher.model, config.model, config.batch_size, dtype_name, mesh.devices.size,
              jax.devices()[0].device_kind, dataset.num_train, "x".join(map(str, dataset.image_shape)), spd)
     if host.NOTE and jax.default_backend() == "cpu":
         log.info("%s", host.NOTE)
@@ -400,7 +401,7 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         "compile_from_cache": full.from_cache,  # compile_s was a read of the persistent compilation cache
         "device_kind": jax.devices()[0].device_kind, "device_count": int(mesh.devices.size),
         "cpu_model": host.cpu_model(),  # the host's, as lscpu names it: CPU figures differ by CPU kind
-        "backend": jax.default_backend(), "dtype": config.dtype, "batch_size": config.batch_size,
+        "backend": jax.default_backend(), "dtype": dtype_name, "batch_size": config.batch_size,
         "steps": timed_steps, "warmup": n_warm * spd, "rounds": rounds, "steps_per_dispatch": spd,
         "peak_memory_bytes": peak,
         # Achieved compute: XLA's count of one device's flops in one step (its share of the batch) times the
@@ -409,8 +410,8 @@ def run_benchmark(config, steps: int = 20, warmup: int = 3, shares: bool = True,
         "flops_per_step": full.flops,
         "tflop_per_s": (None if full.flops is None
                         else round(full.flops * int(mesh.devices.size) * timed_steps / t["full"] / 1e12, 4)),
-        "peak_tflop_per_s": (None if peak_tflops(jax.devices()[0].device_kind, config.dtype) is None
-                             else peak_tflops(jax.devices()[0].device_kind, config.dtype) * int(mesh.devices.size)),
+        "peak_tflop_per_s": (None if peak_tflops(jax.devices()[0].device_kind, dtype_name) is None
+                             else peak_tflops(jax.devices()[0].device_kind, dtype_name) * int(mesh.devices.size)),
         # CPU seconds of this process (all threads) per wall second while the real step ran: about the number of
         # cores it had on a CPU backend (less than the machine's when other processes compete for them).
         "process_cpu_util": round(sum(full.cpu_times) / max(sum(full.times), 1e-9), 2),

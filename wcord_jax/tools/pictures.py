@@ -252,6 +252,7 @@ def logits_on_test(workdir: str, dataset=None, which: str = "last", batch_size: 
     import jax
     import jax.numpy as jnp
 
+    from wcord_jax import backend
     from wcord_jax.data import augment as aug
 
     config = read_config(workdir)
@@ -260,7 +261,7 @@ def logits_on_test(workdir: str, dataset=None, which: str = "last", batch_size: 
     if not dataset.in_memory:
         raise PictureError(f"{dataset.name} is streamed, not held in memory: logits_on_test needs an in-memory data set")
     dtypes = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
-    dtype = dtype or config.get("dtype", "float32")
+    dtype = dtype or backend.dtype(config.get("dtype", "float32"), backend.current())[0]  # 'auto': this backend's
     if dtype not in dtypes:
         raise PictureError(f"unknown dtype {dtype!r}; valid: {', '.join(dtypes)}")
     try:
