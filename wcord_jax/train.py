@@ -91,8 +91,8 @@ def train_and_evaluate(config, workdir: str) -> dict:
     model = models.get_model(config.model, dataset.num_classes, dtype=dtype, axis_name=core.bn_axis(config))
     tx = optim.make_optimizer(config, feed.steps_per_epoch)
     state = create_train_state(jax.random.PRNGKey(config.seed), model, tx, input_shape(dataset, config.get("view")))
-    run_steps = feed.make_runner(functools.partial(train_step, model=model, tx=tx, local_bn=core.bn_axis(config) is None), dtype,
-                                 nonfinite=config.get("nonfinite", "stop"))
+    step = functools.partial(train_step, model=model, tx=tx, local_bn=core.bn_axis(config) is None)
+    run_steps = feed.make_runner(step, dtype, nonfinite=config.get("nonfinite", "stop"))
     evaluate = feed.make_evaluator(lambda v, x: model.apply(v, x, train=False)[0], dtype)
     return loop.run_training(config, workdir, mesh, feed, state, run_steps,
                              lambda st: evaluate({"params": st.params, "batch_stats": st.batch_stats}),
